@@ -1,0 +1,178 @@
+"""THE attention dispatch of tim_jax: every model calls only ``attention(q, k, v, impl=...)``.
+
+Layout (heads-first, the fastest on CPU and natural for TPU/GPU kernels)::
+
+    q: (B, H, Lq, Dh)    k: (B, H, Lk, Dh)    v: (B, H, Lk, Dh)    ->    o: (B, H, Lq, Dh)
+
+Softmax attention without mask, scale ``Dh ** -0.5`` (torch ``F.scaled_dot_product_attention``
+default) unless ``scale`` is given. q/k/v come in the compute dtype; the logits and the softmax
+are float32; ``o`` has q's dtype.
+
+Implementations (``impl``):
+
+* ``"xla"``: heads-first einsums, float32 logits and softmax, normalisation AFTER the PV product
+  (``o = (exp(s - max) @ v) / rowsum``). Plain jnp ops, so ``jax.grad`` and ``jax.jvp`` (the TiM
+  ``jvp`` derivative) both work. The default.
+* ``"xla_softmax"``: the same einsums with ``jax.nn.softmax`` before PV (the textbook order).
+* ``"dot_product"``: ``jax.nn.dot_product_attention`` (implementation chosen by JAX; on GPU it
+  may pick cuDNN, which has no forward-mode AD).
+* ``"cudnn"``: ``jax.nn.dot_product_attention(implementation="cudnn")``: GPU only, fp16/bf16 only,
+  no ``jax.jvp``.
+
+More implementations (e.g. a Pallas flash kernel) plug in with ``register_attention`` without
+touching the models: a registered function takes ``(q, k, v, *, scale)`` in the layout above and
+returns ``o``. Models validate ``config.model.attention_impl`` against the registry when they are
+built, so register before building.
+
+CPU figures (2-core AMD EPYC, jax 0.10.2, fp32, allocator fix of cpu-perf.md on; B=16, H=6, L=256,
+Dh=64, attention only, median of 15 calls; ``python -m tim_jax.models.attention``). The machine was
+shared with other jobs (load average ~3 on 2 cores), so only the ratios mean much:
+
+    impl           fwd ms   fwd+bwd ms   jvp ms
+    xla             17.6      94.4        69.4
+    xla_softmax     22.7      95.9        75.7
+    dot_product     45.7     115.2       166.6
+
+Three more runs under heavier load (~11) kept the forward order (xla 1.7-2.9x faster than
+xla_softmax and 3.3-4.2x faster than dot_product); the fwd+bwd of xla and xla_softmax swapped
+places between runs (noise). This agrees with /work/shared/notes/cpu-perf.md section 3 (idle
+machine: normalise-after-PV 23 ms fwd vs 43 ms for softmax-then-PV; dot_product_attention
+slowest). ``xla`` has the fastest forward and jvp, so it is the default.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+AttentionFn = Callable[..., Array]  # fn(q, k, v, *, scale: float) -> o
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionImpl:
+    """A registered attention implementation."""
+
+    name: str
+    fn: AttentionFn
+    supports_jvp: bool   # whether jax.jvp passes through it (needed by derivative='jvp')
+    description: str = ""
+
+
+_REGISTRY: dict[str, AttentionImpl] = {}
+
+
+def register_attention(name: str, *, supports_jvp: bool, description: str = "",
+                       overwrite: bool = False):
+    """Decorator registering ``fn(q, k, v, *, scale) -> o`` (layout in the module docstring)
+    under ``name``."""
+
+    def deco(fn: AttentionFn) -> AttentionFn:
+        if name in _REGISTRY and not overwrite:
+            raise ValueError(f"attention impl {name!r} is already registered")
+        _REGISTRY[name] = AttentionImpl(name, fn, supports_jvp, description)
+        return fn
+
+    return deco
+
+
+def attention_impls() -> tuple[str, ...]:
+    """Names of the registered implementations."""
+    return tuple(_REGISTRY)
+
+
+def get_attention_impl(name: str) -> AttentionImpl:
+    """The registered implementation ``name``; ValueError listing the registered ones."""
+    if name not in _REGISTRY:
+        raise ValueError(f"attention_impl={name!r}; registered: {sorted(_REGISTRY)}")
+    return _REGISTRY[name]
+
+
+def attention(q: Array, k: Array, v: Array, *, impl: str = "xla", scale: float | None = None) -> Array:
+    """Softmax attention, heads-first layout (see the module docstring). Returns (B, H, Lq, Dh)."""
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        raise ValueError(
+            f"attention expects (B, H, L, Dh) q/k/v; got {q.shape}, {k.shape}, {v.shape}")
+    if k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"incompatible q/k/v shapes {q.shape}, {k.shape}, {v.shape}")
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    return get_attention_impl(impl).fn(q, k, v, scale=scale)
+
+
+def _logits(q: Array, k: Array, scale: float) -> Array:
+    return jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+
+
+@register_attention("xla", supports_jvp=True,
+                    description="heads-first einsums, fp32 softmax normalised after PV (default)")
+def _xla_attention(q, k, v, *, scale):
+    s = _logits(q, k, scale)
+    e = jnp.exp(s - jax.lax.stop_gradient(jnp.max(s, axis=-1, keepdims=True)))
+    denom = jnp.sum(e, axis=-1, keepdims=True)                      # (B, H, Lq, 1) fp32
+    o = jnp.einsum("bhqk,bhkd->bhqd", e.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return (o / denom).astype(q.dtype)
+
+
+@register_attention("xla_softmax", supports_jvp=True,
+                    description="heads-first einsums, jax.nn.softmax (fp32) before PV")
+def _xla_softmax_attention(q, k, v, *, scale):
+    p = jax.nn.softmax(_logits(q, k, scale), axis=-1)
+    o = jnp.einsum("bhqk,bhkd->bhqd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return o.astype(q.dtype)
+
+
+def _dpa(q, k, v, *, scale, implementation):
+    # jax.nn.dot_product_attention is (B, L, H, Dh).
+    o = jax.nn.dot_product_attention(
+        q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3),
+        scale=scale, implementation=implementation)
+    return o.transpose(0, 2, 1, 3)
+
+
+@register_attention("dot_product", supports_jvp=False,
+                    description="jax.nn.dot_product_attention, implementation chosen by JAX")
+def _dot_product_attention(q, k, v, *, scale):
+    return _dpa(q, k, v, scale=scale, implementation=None)
+
+
+@register_attention("cudnn", supports_jvp=False,
+                    description="jax.nn.dot_product_attention(implementation='cudnn'); GPU, bf16/fp16")
+def _cudnn_attention(q, k, v, *, scale):
+    return _dpa(q, k, v, scale=scale, implementation="cudnn")
+
+
+def _benchmark(b=16, h=6, l=256, d=64, reps=15):  # pragma: no cover - manual measurement
+    import time
+
+    import numpy as np
+
+    keys = jax.random.split(jax.random.key(0), 4)
+    q, k, v, g = (jax.random.normal(kk, (b, h, l, d), jnp.float32) for kk in keys)
+    for name in attention_impls():
+        if name == "cudnn" and jax.default_backend() != "gpu":
+            continue
+        f = lambda q, k, v, name=name: attention(q, k, v, impl=name)  # noqa: E731
+        fwd = jax.jit(f)
+        bwd = jax.jit(lambda q, k, v, f=f: jax.vjp(f, q, k, v)[1](g))
+        jvp = jax.jit(lambda q, k, v, f=f: jax.jvp(f, (q, k, v), (g, g, g)))
+        row = [name]
+        for fn in (fwd, bwd, jvp):
+            try:
+                jax.block_until_ready(fn(q, k, v))
+            except Exception:  # noqa: BLE001 - jvp through a custom_vjp kernel
+                row.append("   n/a")
+                continue
+            ts = []
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                jax.block_until_ready(fn(q, k, v))
+                ts.append(time.perf_counter() - t0)
+            row.append(f"{1e3 * float(np.median(ts)):7.1f}")
+        print("  ".join(row))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    _benchmark()
