@@ -30,8 +30,9 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
 
-    # Root seed. Parameter init uses fold_in(seed, 0); the rng of train step k is
-    # fold_in(fold_in(seed, 1), k), so a resumed run draws exactly the same numbers.
+    # Root seed (key = PRNGKey(seed)). Parameter init uses fold_in(key, 0); micro-batch j of
+    # train step k draws from fold_in(fold_in(fold_in(key, 1), k), j), so a resumed run draws
+    # exactly the same numbers.
     config.seed = 0
 
     # ------------------------------------------------------------------------------------------
@@ -71,6 +72,8 @@ def get_config() -> ml_collections.ConfigDict:
 
     # ------------------------------------------------------------------------------------------
     # transport: official OT_FM values (tim/schedulers/transports.py + the c2i configs).
+    # Every field below that the named transport has is passed to it (make_transport); when
+    # switching `name`, set P_mean / P_std to that transport's values too.
     tr = config.transport = ml_collections.ConfigDict()
     tr.name = "OT_FM"              # "OT_FM" | "TrigFlow" | "EDM" | "VP_SDE" | "VE_SDE"
     tr.P_mean = -0.4               # logit-normal t sampling: t = sigmoid(N(P_mean, P_std))

@@ -1,0 +1,91 @@
+"""Optimizer of the TiM train step: global-norm clipping + AdamW with a learning-rate schedule.
+
+Official recipe (WZDTHU/TiM trainers): AdamW(b1 0.9, b2 0.95, eps 1e-6, weight decay 0.01 on
+every parameter), lr 1e-4 quoted at batch 256 and scaled linearly with the global batch
+(``scale_lr``), constant, gradient-norm clipping at 1.0.
+
+Public API
+----------
+``effective_lr(config)``     -> float: optim.lr, times global_batch_size / base_batch_size when
+                                optim.scale_lr
+``make_schedule(config)``    -> optax schedule: step (int, the optimizer step = TrainState.step)
+                                -> lr (float32). "constant" (optionally with a linear warm-up from
+                                0 over warmup_steps) | "warmup_cosine" (linear warm-up to the peak,
+                                cosine decay to end_lr_ratio * peak at decay_steps)
+``make_optimizer(config)``   -> (optax.GradientTransformation, schedule):
+                                chain(clip_by_global_norm(grad_clip), adamw(schedule, ...))
+
+Gradient accumulation is NOT done here (no ``optax.MultiSteps``): the train step averages the
+micro-batch gradients itself inside one jit, so one optimizer update = one TrainState.step.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax.numpy as jnp
+import optax
+
+SCHEDULES = ("constant", "warmup_cosine")
+
+__all__ = ["SCHEDULES", "effective_lr", "make_schedule", "make_optimizer"]
+
+
+def effective_lr(config: Any) -> float:
+    """Peak learning rate: ``optim.lr`` scaled by ``data.global_batch_size / optim.base_batch_size``
+    when ``optim.scale_lr`` (the official ``scale_lr``)."""
+    op = config.optim
+    if not op.lr > 0:
+        raise ValueError(f"optim.lr must be > 0, got {op.lr}")
+    if not op.scale_lr:
+        return float(op.lr)
+    if not op.base_batch_size > 0:
+        raise ValueError(f"optim.base_batch_size must be > 0, got {op.base_batch_size}")
+    return float(op.lr) * config.data.global_batch_size / op.base_batch_size
+
+
+def make_schedule(config: Any) -> Callable[[Any], Any]:
+    """The lr schedule of ``config.optim`` (see the module docstring); values are float32."""
+    op = config.optim
+    peak = effective_lr(config)
+    warmup = int(op.warmup_steps)
+    if warmup < 0:
+        raise ValueError(f"optim.warmup_steps must be >= 0, got {op.warmup_steps}")
+    if op.schedule == "constant":
+        if warmup == 0:
+            return optax.constant_schedule(peak)
+        return optax.join_schedules(
+            [optax.linear_schedule(0.0, peak, warmup), optax.constant_schedule(peak)], [warmup])
+    if op.schedule == "warmup_cosine":
+        decay = int(op.decay_steps) if int(op.decay_steps) > 0 else int(config.train.num_steps)
+        if decay <= warmup:
+            raise ValueError(f"optim.decay_steps (or train.num_steps when -1) = {decay} must exceed "
+                             f"optim.warmup_steps = {warmup} for schedule 'warmup_cosine'")
+        if not 0.0 <= op.end_lr_ratio <= 1.0:
+            raise ValueError(f"optim.end_lr_ratio must be in [0, 1], got {op.end_lr_ratio}")
+        return optax.warmup_cosine_decay_schedule(
+            init_value=0.0, peak_value=peak, warmup_steps=warmup, decay_steps=decay,
+            end_value=peak * float(op.end_lr_ratio))
+    raise ValueError(f"optim.schedule must be one of {SCHEDULES}, got {op.schedule!r}")
+
+
+def make_optimizer(config: Any) -> tuple[optax.GradientTransformation, Callable[[Any], Any]]:
+    """``(tx, schedule)``: ``chain(clip_by_global_norm(optim.grad_clip), adamw(schedule))``.
+
+    The clip is left out when ``optim.grad_clip <= 0``. Weight decay applies to every parameter,
+    as officially (torch AdamW over ``model.parameters()``). ``tx`` is a static object: the
+    train state holds only its state (``tx.init(params)``).
+    """
+    op = config.optim
+    for name in ("b1", "b2"):
+        if not 0.0 <= op[name] < 1.0:
+            raise ValueError(f"optim.{name} must be in [0, 1), got {op[name]}")
+    if not op.eps > 0:
+        raise ValueError(f"optim.eps must be > 0, got {op.eps}")
+    if op.weight_decay < 0:
+        raise ValueError(f"optim.weight_decay must be >= 0, got {op.weight_decay}")
+    schedule = make_schedule(config)
+    adamw = optax.adamw(schedule, b1=float(op.b1), b2=float(op.b2), eps=float(op.eps),
+                        weight_decay=float(op.weight_decay), mu_dtype=jnp.float32)
+    if op.grad_clip > 0:
+        return optax.chain(optax.clip_by_global_norm(float(op.grad_clip)), adamw), schedule
+    return adamw, schedule
