@@ -1,0 +1,151 @@
+"""The training benchmark CLI (tim_jax.bench) on the tiny debug config: it runs, and every figure
+it prints parses and is consistent with the others (no timing thresholds: the machine is noisy).
+
+The side-by-side mode needs a torch interpreter and an official checkout; its test runs where
+``TIM_JAX_TORCH_PYTHON`` / ``TIM_JAX_OFFICIAL_REPO`` (default: ``../venv_torch/bin/python`` and
+``../official`` beside the repo) exist, and is skipped with the reason otherwise.
+"""
+import json
+import math
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from configs import c2i_s2_256, debug_cpu
+from tim_jax import bench
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TORCH_PYTHON = os.environ.get("TIM_JAX_TORCH_PYTHON", str(REPO.parent / "venv_torch/bin/python"))
+OFFICIAL_REPO = os.environ.get("TIM_JAX_OFFICIAL_REPO", str(REPO.parent / "official"))
+FAST = ["--config", "configs/debug_cpu.py", "--warmup", "1", "--peak_n", "128", "--peak_reps", "2"]
+
+
+def run_cli(*args, timeout=300):
+    proc = subprocess.run([sys.executable, "-m", "tim_jax.bench", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [l for l in proc.stdout.splitlines() if l.startswith(bench.RESULT_PREFIX)]
+    assert len(lines) == 1, proc.stdout
+    return proc.stdout, json.loads(lines[0][len(bench.RESULT_PREFIX):])
+
+
+def field(report, name):
+    """The text after ``name   :`` on its report line."""
+    m = re.search(rf"^{re.escape(name)}\s*: (.*)$", report, re.M)
+    assert m, f"no {name!r} line in:\n{report}"
+    return m.group(1)
+
+
+def first_float(text):
+    return float(re.search(r"[-+]?\d[\d,]*\.?\d*(?:[eE][-+]?\d+)?", text).group(0).replace(",", ""))
+
+
+def check_train_result(res, report, batch_size):
+    st = res["step_s"]
+    assert res["batch_size"] == batch_size and st["n"] >= 1
+    assert 0 < st["min"] <= st["median"] <= st["max"]
+    assert res["lower_s"] > 0 and res["compile_s"] > 0
+    assert math.isclose(res["images_per_s"], batch_size / st["median"], rel_tol=1e-9)
+    assert res["flops"] > 0 and res["peak"]["flops_per_s"] > 0
+    assert math.isclose(res["flop_floor_s"], res["flops"] / res["peak"]["flops_per_s"],
+                        rel_tol=1e-9)
+    assert math.isclose(res["floor_multiple"], st["median"] / res["flop_floor_s"], rel_tol=1e-9)
+    assert math.isclose(res["peak_fraction"], 1.0 / res["floor_multiple"], rel_tol=1e-9)
+    mem = res["memory"]
+    assert mem["peak"] > 0 and mem["argument"] > 0
+    assert math.isfinite(res["loss"])
+    # the printed lines carry the same numbers (at their printed precision)
+    assert math.isclose(first_float(field(report, "step time")), st["median"], abs_tol=1e-4)
+    assert math.isclose(first_float(field(report, "images/s")), res["images_per_s"],
+                        rel_tol=1e-3, abs_tol=1e-3)
+    assert math.isclose(first_float(field(report, "FLOPs/step")), res["flops"] / 1e9,
+                        abs_tol=0.01)
+    assert math.isclose(first_float(field(report, "FLOP floor")), res["flop_floor_s"],
+                        abs_tol=1e-4)
+    assert f"{res['floor_multiple']:.2f}x floor" in field(report, "FLOP floor")
+    assert first_float(field(report, "lower / compile")) > 0
+    assert field(report, "memory (compiled)").startswith("peak ")
+
+
+def test_train_cli_on_debug_config():
+    report, res = run_cli("train", *FAST, "--steps", "2")
+    check_train_result(res, report, debug_cpu.get_config().data.global_batch_size)
+    assert res["step_s"]["n"] == 2
+    # the CLI re-execs itself with the glibc-malloc setting (tim_jax._allocator)
+    from tim_jax import _allocator
+    expect = os.environ.get("GLIBC_TUNABLES", _allocator.GLIBC_TUNABLES_VALUE)
+    if _allocator.should_reexec() or "GLIBC_TUNABLES" in os.environ:
+        assert res["allocator"] == expect
+
+
+def test_compiled_costs_count_a_matmul():
+    n = 64
+    compiled = jax.jit(jnp.matmul).lower(jnp.ones((n, n)), jnp.ones((n, n))).compile()
+    costs = bench.compiled_costs(compiled)
+    assert math.isclose(costs["flops"], 2 * n ** 3, rel_tol=0.01)
+    assert costs["argument_bytes"] == 2 * n * n * 4 and costs["output_bytes"] == n * n * 4
+    st = bench.step_stats([1.0, 3.0, 2.0])
+    assert st == {"median": 2.0, "min": 1.0, "max": 3.0, "spread": 1.0, "n": 3}
+    with pytest.raises(ValueError, match="steps"):
+        bench.step_stats([])
+
+
+def test_s2_preset_and_official_spec():
+    cfg = c2i_s2_256.get_config()
+    from tim_jax import train_state
+    _, abstract, _ = train_state.abstract_model(cfg)
+    n = sum(math.prod(a.shape) for a in jax.tree.leaves(abstract))
+    assert n == 39_086_736          # the official TiM with these constructor values
+    cfg.data.global_batch_size = 16
+    spec = bench.official_spec(cfg, OFFICIAL_REPO)
+    assert spec["model"] == dict(
+        input_size=32, patch_size=2, in_channels=4, hidden_size=384, depth=12, num_heads=6,
+        mlp_ratio=4.0, lora_hidden_size=128, encoder_depth=4, projector_dim=2048, z_dim=768,
+        num_classes=1000, class_dropout_prob=0.1, new_condition="t-r", use_new_embed=True,
+        distance_aware=True, qk_norm=True)
+    assert spec["transition_loss"] == dict(
+        diffusion_ratio=0.5, consistency_ratio=0.1, derivative_type="dde",
+        differential_epsilon=0.005, weight_t_and_r=True, weight_time_type="sqrt",
+        weight_time_tangent=True, weight_time_sigmoid=False)
+    assert spec["optim"] == {"lr": 1e-4 * 16 / 256, "betas": [0.9, 0.95], "weight_decay": 0.01,
+                             "eps": 1e-6}
+    assert spec["max_grad_norm"] == 1.0 and spec["ema_decay"] == 0.9999
+    assert spec["transport"]["name"] == "OT_FM" and spec["transport"]["params"]["P_mean"] == -0.4
+    assert spec["batch_size"] == 16 and spec["attn_type"] == "fused_attn"
+
+
+def test_bad_command_lines_exit_2(capsys):
+    assert bench.main(["bench", "--config", "configs/debug_cpu.py"]) == 2
+    assert "mode" in capsys.readouterr().err
+    assert bench.main(["bench", "sprint", "--config", "configs/debug_cpu.py"]) == 2
+    assert bench.main(["bench", "train"]) == 2
+    assert "--config" in capsys.readouterr().err
+    assert bench.main(["bench", "official", "--config", "configs/debug_cpu.py"]) == 2
+    assert "--official-repo" in capsys.readouterr().err
+    assert bench.main(["bench", "official", "--config", "configs/debug_cpu.py",
+                       "--official-repo", "/nonexistent", "--torch-python", "/nonexistent"]) == 2
+    assert "--torch-python" in capsys.readouterr().err
+
+
+@pytest.mark.torch
+def test_official_side_by_side_on_debug_config():
+    if not os.path.isfile(TORCH_PYTHON):
+        pytest.skip(f"no torch interpreter at {TORCH_PYTHON} (set TIM_JAX_TORCH_PYTHON)")
+    if not os.path.isfile(os.path.join(OFFICIAL_REPO, "tim/models/c2i/tim_model.py")):
+        pytest.skip(f"no official TiM checkout at {OFFICIAL_REPO} (set TIM_JAX_OFFICIAL_REPO)")
+    report, res = run_cli("official", *FAST, "--rounds", "2", "--round_steps", "1",
+                          "--official-repo", OFFICIAL_REPO, "--torch-python", TORCH_PYTHON)
+    check_train_result(res["jax"], report, debug_cpu.get_config().data.global_batch_size)
+    t = res["torch"]
+    assert t["n_params"] == res["jax"]["n_params"]   # same architecture on both sides
+    assert t["step_s"]["n"] == 2 and math.isfinite(t["loss"])
+    assert [r["first"] for r in res["rounds"]] == ["jax", "torch"]
+    ratios = sorted(r["torch_median"] / r["jax_median"] for r in res["rounds"])
+    assert math.isclose(res["speedup"], (ratios[0] + ratios[1]) / 2, rel_tol=1e-9)
+    assert math.isclose(first_float(field(report, "speed-up")), res["speedup"], abs_tol=1e-3)

@@ -1,0 +1,576 @@
+"""Training-speed benchmarks: the tim_jax train step alone, or side by side with the official one.
+
+    python -m tim_jax.bench train --config configs/c2i_s2_256.py --config.data.global_batch_size=16 \
+        [--steps 5] [--warmup 2]
+    python -m tim_jax.bench official --config configs/c2i_s2_256.py \
+        --config.data.global_batch_size=16 --official-repo /path/to/TiM \
+        --torch-python /path/to/torch-venv/bin/python [--rounds 4] [--round-steps 2]
+
+**train** builds the real training state and the whole jitted step of :mod:`tim_jax.train_step`
+(full objective as configured: DDE or JVP derivative, REPA against ``z_dim`` targets, label
+dropout, clipping, AdamW, every EMA), times ``--steps`` steps on one fixed synthetic batch after
+``--warmup`` steps, and prints
+
+* the step time (median, min, max, spread = (max - min) / median) and images/s;
+* the lowering and compile times;
+* FLOPs per step from XLA's cost analysis of the compiled step (every op, elementwise included;
+  an SPMD program's per-device count times the device count, so replicated work counts once
+  per device);
+* the machine's fp32 matmul peak, measured in the same run (median of ``--peak-reps`` jitted
+  ``--peak-n``-cubed matmuls), the achieved FLOP/s and its share of that peak, the FLOP floor
+  (FLOPs / peak) and the step time as a multiple of it;
+* the compiled program's memory analysis (arguments, outputs, temporaries, peak), the process'
+  max RSS and the minor page faults per step (~0 when the allocator setting is active).
+
+**official** does the same for tim_jax and, in a subprocess run by ``--torch-python``, the
+official PyTorch step (:mod:`tim_jax.bench_torch_driver`: the official network with SDPA
+attention, ``TransitionSchedule``, AdamW, clipping and EMA, same sizes and batch). The two are
+**interleaved**: round i runs ``--round-steps`` steps of each (alternating which goes first),
+with the other process idle, and the speed-up is the median over rounds of
+``torch round median / jax round median``, which cancels most of the machine's slow drift.
+
+Both modes print a human-readable report and finally one line ``BENCH_RESULT {json}`` with every
+figure (keys documented in :func:`run_train_bench` / :func:`run_official_bench`); ``--json PATH``
+also writes that JSON to a file.
+
+The CLI re-execs itself first with the glibc-malloc setting of :mod:`tim_jax._allocator`
+(XLA:CPU is ~1.3x slower without it); ``TIM_JAX_NO_REEXEC=1`` measures the default allocator.
+Timings on a shared or small machine are noisy (+-10-15 % per process): compare variants only
+with paired, interleaved runs (the ``official`` mode, or several processes).
+"""
+from __future__ import annotations
+
+if __name__ == "__main__":  # before the heavy imports below: they would be paid twice
+    from tim_jax import _allocator
+
+    _allocator.maybe_reexec()
+
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = [
+    "matmul_peak", "step_stats", "compiled_costs", "JaxStepBench", "build_jax_bench",
+    "official_spec", "TorchOfficialStep", "run_train_bench", "run_official_bench",
+    "format_train_report", "format_official_report", "main",
+]
+
+RESULT_PREFIX = "BENCH_RESULT "
+MODES = ("train", "official")
+
+
+# ----------------------------------------------------------------------------------------------
+# small measurement helpers
+def _loadavg() -> Optional[list[float]]:
+    try:
+        with open("/proc/loadavg") as f:
+            return [float(v) for v in f.read().split()[:3]]
+    except OSError:
+        return None
+
+
+def _minflt() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def _maxrss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+
+
+def step_stats(times: Sequence[float]) -> dict:
+    """``{median, min, max, spread, n}`` of step times in seconds; spread = (max-min)/median."""
+    if not times:
+        raise ValueError("no step times to summarise (steps must be >= 1)")
+    med = statistics.median(times)
+    return {"median": med, "min": min(times), "max": max(times),
+            "spread": (max(times) - min(times)) / med if med > 0 else 0.0, "n": len(times)}
+
+
+def matmul_peak(n: int = 2048, reps: int = 7, dtype=jnp.float32) -> dict:
+    """The machine's matmul throughput: median FLOP/s of ``reps`` jitted (n, n) @ (n, n) calls.
+
+    Returns ``{"flops_per_s", "min_s", "median_s", "n", "reps"}``; FLOPs per call = 2 n^3. One
+    untimed call compiles and warms up first.
+    """
+    if n < 1 or reps < 1:
+        raise ValueError(f"peak matmul needs n >= 1 and reps >= 1, got n={n}, reps={reps}")
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), dtype)
+    b = jax.random.normal(jax.random.PRNGKey(1), (n, n), dtype)
+    mm = jax.jit(jnp.matmul)
+    mm(a, b).block_until_ready()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        mm(a, b).block_until_ready()
+        times.append(time.perf_counter() - t0)
+    med = statistics.median(times)
+    return {"flops_per_s": 2.0 * n ** 3 / med, "median_s": med, "min_s": min(times), "n": n,
+            "reps": reps}
+
+
+def compiled_costs(compiled, num_devices: int = 1) -> dict:
+    """FLOPs and memory of a compiled executable (``jax.stages.Compiled``).
+
+    ``flops``: XLA's cost-analysis count of the per-device program times ``num_devices`` (every
+    op, not only matmuls). Memory (bytes, per device): ``argument``, ``output``, ``alias``
+    (outputs sharing donated inputs), ``temp`` and ``peak``: argument + output + temp - alias,
+    or XLA's own peak figure where that is larger (on CPU it counts the arguments only).
+    """
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):  # older jax: one dict per program
+        cost = cost[0] if cost else {}
+    flops = float((cost or {}).get("flops", float("nan"))) * num_devices
+    mem = compiled.memory_analysis()
+    out = {"flops": flops}
+    if mem is not None:
+        arg, outb = int(mem.argument_size_in_bytes), int(mem.output_size_in_bytes)
+        alias, temp = int(mem.alias_size_in_bytes), int(mem.temp_size_in_bytes)
+        xla_peak = int(getattr(mem, "peak_memory_in_bytes", 0) or 0)
+        out.update(argument_bytes=arg, output_bytes=outb, alias_bytes=alias, temp_bytes=temp,
+                   peak_bytes=max(xla_peak, arg + outb + temp - alias))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# the tim_jax step
+class JaxStepBench:
+    """A compiled tim_jax train step, its state and one fixed device batch.
+
+    ``run(k)`` takes k steps (the state is donated and replaced each time) and returns their
+    wall times in seconds, each measured to the loss being ready on the host.
+    """
+
+    def __init__(self, config, *, step, state, batch, lower_s, compile_s, costs, n_params):
+        self.config, self._step, self.state, self.batch = config, step, state, batch
+        self.lower_s, self.compile_s, self.costs, self.n_params = lower_s, compile_s, costs, n_params
+        self.last_loss = float("nan")
+
+    def run(self, steps: int) -> list[float]:
+        times = []
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            self.state, metrics = self._step(self.state, self.batch)
+            self.last_loss = float(metrics["loss"])  # waits for the step
+            times.append(time.perf_counter() - t0)
+        return times
+
+
+def build_jax_bench(config) -> JaxStepBench:
+    """State, batch and the AOT-compiled whole step of :mod:`tim_jax.train_step` for ``config``.
+
+    The batch is the first batch of the configured data pipeline (``data.source``), placed with
+    the step's batch sharding; the same batch is reused every step (the pipeline is not timed).
+    """
+    from tim_jax import data, sharding, train_state, train_step
+
+    mesh = sharding.make_mesh(config)
+    state, shardings, graphdef = train_state.create_train_state(config, mesh)
+    host_batch = next(data.make_train_iterator(config, process_index=0, process_count=1))
+    batch = data.to_global(host_batch, sharding.batch_sharding(mesh))
+    step = train_step.make_train_step(config, graphdef, mesh, shardings)
+    t0 = time.perf_counter()
+    lowered = step.jitted.lower(state, batch)
+    t1 = time.perf_counter()
+    compiled = lowered.compile()
+    t2 = time.perf_counter()
+    n_params = int(sum(np.prod(a.shape) for a in jax.tree.leaves(state.params)))
+    costs = compiled_costs(compiled, num_devices=mesh.size)
+    return JaxStepBench(config, step=compiled, state=state, batch=batch, lower_s=t1 - t0,
+                        compile_s=t2 - t1, costs=costs, n_params=n_params)
+
+
+def _floor_fields(flops: float, peak: float, median_s: float) -> dict:
+    floor = flops / peak
+    return {"flop_floor_s": floor, "floor_multiple": median_s / floor,
+            "achieved_flops_per_s": flops / median_s, "peak_fraction": flops / median_s / peak}
+
+
+def run_train_bench(config, *, steps: int = 5, warmup: int = 2, peak_n: int = 2048,
+                    peak_reps: int = 7) -> dict:
+    """Benchmarks the tim_jax step of ``config``; returns the result dict.
+
+    Keys: ``batch_size``, ``n_params``, ``devices``, ``lower_s``, ``compile_s``, ``step_s``
+    ({median, min, max, spread, n}), ``images_per_s``, ``flops`` (per step), ``peak``
+    (:func:`matmul_peak`), ``achieved_flops_per_s``, ``peak_fraction``, ``flop_floor_s``,
+    ``floor_multiple``, ``memory`` (bytes: argument/output/alias/temp/peak), ``maxrss_mib``,
+    ``minflt_per_step``, ``allocator`` (the GLIBC_TUNABLES in effect or null), ``loss``,
+    ``loadavg_start`` / ``loadavg_end`` (1/5/15-min load averages).
+    """
+    if steps < 1 or warmup < 0:
+        raise ValueError(f"--steps must be >= 1 and --warmup >= 0, got {steps}, {warmup}")
+    load0 = _loadavg()
+    peak = matmul_peak(peak_n, peak_reps)
+    bench = build_jax_bench(config)
+    bench.run(warmup)
+    f0 = _minflt()
+    times = bench.run(steps)
+    minflt = (_minflt() - f0) / steps
+    return _train_result(config, bench, times, peak, minflt, load0)
+
+
+def _train_result(config, bench: JaxStepBench, times, peak, minflt, load0) -> dict:
+    st = step_stats(times)
+    b = int(config.data.global_batch_size)
+    mem = {k[:-6]: v for k, v in bench.costs.items() if k.endswith("_bytes")}
+    return {
+        "batch_size": b, "n_params": bench.n_params, "devices": jax.device_count(),
+        "backend": jax.default_backend(), "lower_s": bench.lower_s, "compile_s": bench.compile_s,
+        "step_s": st, "images_per_s": b / st["median"], "flops": bench.costs["flops"],
+        "peak": peak, **_floor_fields(bench.costs["flops"], peak["flops_per_s"], st["median"]),
+        "memory": mem, "maxrss_mib": _maxrss_mib(), "minflt_per_step": minflt,
+        "allocator": os.environ.get("GLIBC_TUNABLES"), "loss": bench.last_loss,
+        "loadavg_start": load0, "loadavg_end": _loadavg(),
+    }
+
+
+def _gib(n: Optional[float]) -> str:
+    return "n/a" if n is None else f"{n / 2 ** 30:.2f} GiB"
+
+
+def format_train_report(res: dict, title: str = "tim_jax train step") -> str:
+    """The human-readable report of :func:`run_train_bench` (one ``name: value`` per line)."""
+    st, pk, mem = res["step_s"], res["peak"], res["memory"]
+    lines = [
+        f"== {title} ==",
+        f"batch size        : {res['batch_size']} ({res['devices']} {res['backend']} device(s))",
+        f"params            : {res['n_params']:,}",
+        f"lower / compile   : {res['lower_s']:.2f} s / {res['compile_s']:.2f} s",
+        f"step time         : {st['median']:.4f} s median (min {st['min']:.4f}, max "
+        f"{st['max']:.4f}, spread {100 * st['spread']:.1f} %, n={st['n']})",
+        f"images/s          : {res['images_per_s']:.3f}",
+        f"FLOPs/step        : {res['flops'] / 1e9:.2f} GFLOP (XLA cost analysis)",
+        f"matmul peak       : {pk['flops_per_s'] / 1e9:.2f} GFLOP/s (fp32 {pk['n']}^3, median "
+        f"of {pk['reps']})",
+        f"achieved          : {res['achieved_flops_per_s'] / 1e9:.2f} GFLOP/s = "
+        f"{100 * res['peak_fraction']:.1f} % of peak",
+        f"FLOP floor        : {res['flop_floor_s']:.4f} s; step = {res['floor_multiple']:.2f}x "
+        f"floor",
+        f"memory (compiled) : peak {_gib(mem.get('peak'))} (args {_gib(mem.get('argument'))}, "
+        f"temp {_gib(mem.get('temp'))}, out {_gib(mem.get('output'))}, aliased "
+        f"{_gib(mem.get('alias'))})",
+        f"max RSS           : {res['maxrss_mib']:.0f} MiB",
+        f"minor faults/step : {res['minflt_per_step']:.0f}",
+        f"allocator         : {res['allocator'] or 'default (GLIBC_TUNABLES unset)'}",
+        f"loss (last step)  : {res['loss']:.5g}",
+        f"load average      : start {res['loadavg_start']}, end {res['loadavg_end']}",
+    ]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# the official PyTorch step, in a subprocess
+def _cfg_get(node, key, default):
+    return node[key] if key in node else default
+
+
+def official_spec(config, official_repo: str, *, attn_type: str = "fused_attn",
+                  seed: int = 0, threads: int = 0) -> dict:
+    """The spec of the official step (:mod:`tim_jax.bench_torch_driver`) matching ``config``.
+
+    Maps the tim_jax config names onto the official constructor / ``TransitionSchedule`` /
+    trainer arguments; only class-conditional (``model.kind='c2i'``) models are supported.
+    The official trainer keeps one EMA model: the first of ``ema.decays`` is used.
+    ``threads``: torch intra-op threads (0: torch's default, one per core).
+    """
+    from tim_jax import optim
+
+    m, ob, tr, op = config.model, config.objective, config.transport, config.optim
+    if m.kind != "c2i":
+        raise ValueError(f"the official comparison supports model.kind='c2i' only, got {m.kind!r}")
+    if int(op.grad_accum_steps) != 1:
+        raise ValueError("the official comparison needs optim.grad_accum_steps=1 (the official "
+                         f"step has no in-step accumulation), got {op.grad_accum_steps}")
+    keys = ("input_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads",
+            "mlp_ratio", "lora_hidden_size", "encoder_depth", "projector_dim", "z_dim",
+            "num_classes", "class_dropout_prob", "new_condition", "use_new_embed",
+            "distance_aware", "qk_norm")
+    model = {k: m[k] for k in keys}
+    model["mlp_ratio"] = float(model["mlp_ratio"])
+    decays = tuple(config.ema.decays)
+    return {
+        "official_repo": os.path.abspath(official_repo),
+        "model": model,
+        "transport": {"name": tr.name, "params": {k: v for k, v in tr.items() if k != "name"}},
+        "transition_loss": {
+            "diffusion_ratio": ob.diffusion_ratio, "consistency_ratio": ob.consistency_ratio,
+            "derivative_type": ob.derivative, "differential_epsilon": ob.dde_delta,
+            "weight_t_and_r": ob.weight_base == "t_and_r", "weight_time_type": ob.weight_type,
+            "weight_time_tangent": ob.weight_warp == "tangent",
+            "weight_time_sigmoid": ob.weight_warp == "sigmoid",
+        },
+        "label_dropout": float(_cfg_get(ob, "label_dropout", 0.1)),
+        "proj_coeff": float(ob.repa_coeff),
+        "optim": {"lr": float(optim.effective_lr(config)), "betas": [op.b1, op.b2],
+                  "weight_decay": op.weight_decay, "eps": op.eps},
+        "max_grad_norm": float(op.grad_clip),
+        "ema_decay": float(decays[0]) if decays else 0.0,
+        "batch_size": int(config.data.global_batch_size),
+        "attn_type": attn_type,
+        "seed": int(seed),
+        "threads": int(threads),
+    }
+
+
+class TorchOfficialStep:
+    """The official step in a subprocess of ``torch_python`` (see :mod:`tim_jax.bench_torch_driver`).
+
+    Start-up builds the model (the call blocks until the driver reports ready). ``run(k)``
+    returns the driver's answer: ``{"times": [...], "loss", "minflt_per_step", "maxrss_mib"}``.
+    Use as a context manager, or call :meth:`close`.
+    """
+
+    DRIVER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench_torch_driver.py")
+
+    def __init__(self, torch_python: str, spec: dict, timeout_s: float = 3600.0):
+        if not os.path.isfile(torch_python):
+            raise ValueError(f"--torch-python {torch_python!r} is not a file (a Python with "
+                             "torch, timm and einops, e.g. <venv>/bin/python)")
+        repo = spec["official_repo"]
+        if not os.path.isfile(os.path.join(repo, "tim", "models", "c2i", "tim_model.py")):
+            raise ValueError(f"--official-repo {repo!r} is not a checkout of the official TiM "
+                             "(no tim/models/c2i/tim_model.py)")
+        self._stderr = tempfile.TemporaryFile(mode="w+")
+        env = dict(os.environ)
+        env.pop("GLIBC_TUNABLES", None)  # the official step runs with its default allocator
+        env.pop("XLA_FLAGS", None)
+        self.proc = subprocess.Popen(
+            [torch_python, self.DRIVER, "--spec", json.dumps(spec)], stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, stderr=self._stderr, text=True, env=env)
+        self.timeout_s = timeout_s
+        self.info = self._read()
+        if not self.info.get("ready"):
+            raise RuntimeError(f"torch driver did not start: {self.info}")
+
+    def _read(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            self._stderr.seek(0)
+            tail = self._stderr.read()[-4000:]
+            raise RuntimeError(f"the torch driver exited (code {self.proc.poll()}); its stderr:\n"
+                               f"{tail}")
+        return json.loads(line)
+
+    def _ask(self, cmd: dict) -> dict:
+        self.proc.stdin.write(json.dumps(cmd) + "\n")
+        self.proc.stdin.flush()
+        out = self._read()
+        if "error" in out:
+            raise RuntimeError(f"torch driver: {out['error']}")
+        return out
+
+    def run(self, steps: int) -> dict:
+        return self._ask({"op": "run", "steps": int(steps)})
+
+    def flops(self) -> int:
+        return int(self._ask({"op": "flops"})["flops"])
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.write(json.dumps({"op": "quit"}) + "\n")
+                self.proc.stdin.flush()
+                self.proc.wait(timeout=30)
+            except (OSError, subprocess.TimeoutExpired):
+                self.proc.kill()
+                self.proc.wait()
+        self._stderr.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def run_official_bench(config, *, official_repo: str, torch_python: str, rounds: int = 4,
+                       round_steps: int = 2, warmup: int = 2, peak_n: int = 2048,
+                       peak_reps: int = 7, torch_flops: bool = False,
+                       torch_threads: int = 0) -> dict:
+    """Paired, interleaved tim_jax vs official-torch benchmark; returns the result dict.
+
+    Keys: ``jax`` (the :func:`run_train_bench` dict over all timed rounds), ``torch``
+    ({``step_s``, ``images_per_s``, ``n_params``, ``version``, ``threads``, ``build_s``,
+    ``minflt_per_step``, ``maxrss_mib``, ``loss``, ``shims``, optionally ``flops`` from torch's
+    FlopCounter (matmuls and attention only) and ``floor_multiple`` against the JAX FLOP count}),
+    ``rounds`` (per round: ``jax_median``, ``torch_median``, ``ratio``, ``first``), ``speedup``
+    (median of the per-round ratios torch/jax; > 1 means tim_jax is faster) and its
+    ``speedup_min`` / ``speedup_max`` over rounds, ``speedup_best`` (fastest torch step /
+    fastest tim_jax step: the least load-sensitive figure on a shared machine),
+    ``loadavg_start`` / ``loadavg_end``.
+    """
+    if rounds < 1 or round_steps < 1 or warmup < 0:
+        raise ValueError(f"--rounds and --round-steps must be >= 1 and --warmup >= 0, got "
+                         f"{rounds}, {round_steps}, {warmup}")
+    load0 = _loadavg()
+    spec = official_spec(config, official_repo, seed=int(config.seed), threads=torch_threads)
+    with TorchOfficialStep(torch_python, spec) as torch_step:
+        peak = matmul_peak(peak_n, peak_reps)
+        bench = build_jax_bench(config)
+        bench.run(warmup)
+        torch_step.run(warmup)
+        t_flops = torch_step.flops() if torch_flops else None
+        per_round, jax_times, torch_times, minflt, torch_last = [], [], [], 0, {}
+        for i in range(rounds):
+            order = ("jax", "torch") if i % 2 == 0 else ("torch", "jax")
+            got = {}
+            for who in order:
+                if who == "jax":
+                    f0 = _minflt()
+                    got["jax"] = bench.run(round_steps)
+                    minflt += _minflt() - f0
+                else:
+                    torch_last = torch_step.run(round_steps)
+                    got["torch"] = torch_last["times"]
+            jm, tm = statistics.median(got["jax"]), statistics.median(got["torch"])
+            per_round.append({"jax_median": jm, "torch_median": tm, "ratio": tm / jm,
+                              "first": order[0]})
+            jax_times += got["jax"]
+            torch_times += got["torch"]
+        info = torch_step.info
+    jax_res = _train_result(config, bench, jax_times, peak, minflt / len(jax_times), load0)
+    b = int(config.data.global_batch_size)
+    tst = step_stats(torch_times)
+    torch_res = {
+        "step_s": tst, "images_per_s": b / tst["median"], "n_params": info["n_params"],
+        "version": info["torch"], "threads": info["threads"], "build_s": info["build_s"],
+        "minflt_per_step": torch_last.get("minflt_per_step"),
+        "maxrss_mib": torch_last.get("maxrss_mib"), "loss": torch_last.get("loss"),
+        "shims": {k: info[k] for k in ("torchvision_shim", "cuda_rng_shim") if k in info},
+        "floor_multiple": tst["median"] / jax_res["flop_floor_s"],
+    }
+    if t_flops is not None:
+        torch_res["flops"] = t_flops
+    ratios = [r["ratio"] for r in per_round]
+    return {"jax": jax_res, "torch": torch_res, "rounds": per_round,
+            "speedup": statistics.median(ratios), "speedup_min": min(ratios),
+            "speedup_max": max(ratios), "speedup_best": tst["min"] / jax_res["step_s"]["min"],
+            "loadavg_start": load0, "loadavg_end": _loadavg()}
+
+
+def format_official_report(res: dict) -> str:
+    """Human-readable report of :func:`run_official_bench`."""
+    j, t = res["jax"], res["torch"]
+    lines = [format_train_report(j, "tim_jax train step (interleaved rounds)"), "",
+             "== official PyTorch step (same session, interleaved) ==",
+             f"torch             : {t['version']}, {t['threads']} threads, build "
+             f"{t['build_s']:.1f} s, shims {t['shims']}",
+             f"params            : {t['n_params']:,}" + (
+                 "" if t["n_params"] == j["n_params"] else
+                 f"  (tim_jax: {j['n_params']:,}: DIFFERENT)"),
+             f"step time         : {t['step_s']['median']:.4f} s median (min "
+             f"{t['step_s']['min']:.4f}, max {t['step_s']['max']:.4f}, spread "
+             f"{100 * t['step_s']['spread']:.1f} %, n={t['step_s']['n']})",
+             f"images/s          : {t['images_per_s']:.3f}",
+             f"step vs JAX floor : {t['floor_multiple']:.2f}x the tim_jax FLOP floor"]
+    if "flops" in t:
+        lines.append(f"FLOPs/step        : {t['flops'] / 1e9:.2f} GFLOP (torch FlopCounter: "
+                     "matmuls + attention only)")
+    lines += [f"minor faults/step : {t['minflt_per_step']:.0f}",
+              f"max RSS           : {t['maxrss_mib']:.0f} MiB", "",
+              "== comparison ==",
+              "rounds (torch/jax): " + ", ".join(
+                  f"{r['torch_median']:.3f}/{r['jax_median']:.3f}={r['ratio']:.3f}"
+                  for r in res["rounds"]),
+              f"speed-up          : {res['speedup']:.3f}x (median of per-round torch/jax; "
+              f"range {res['speedup_min']:.3f}-{res['speedup_max']:.3f}; > 1: tim_jax faster)",
+              f"speed-up, best    : {res['speedup_best']:.3f}x (fastest torch step / fastest "
+              "tim_jax step)",
+              f"tim_jax floor mult: {j['floor_multiple']:.2f}x",
+              f"load average      : start {res['loadavg_start']}, end {res['loadavg_end']}"]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# command line
+def _parse(argv: Sequence[str]):
+    from absl import flags
+    from ml_collections import config_flags
+
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "ml_collections config file[:arg]",
+                                    flag_values=fv, lock_config=True)
+    flags.DEFINE_integer("steps", 5, "train: timed steps", flag_values=fv)
+    flags.DEFINE_integer("warmup", 2, "untimed steps after compiling (each framework)",
+                         flag_values=fv)
+    flags.DEFINE_integer("peak_n", 2048, "side of the square fp32 matmul timed as the peak",
+                         flag_values=fv)
+    flags.DEFINE_integer("peak_reps", 7, "timed repetitions of the peak matmul", flag_values=fv)
+    flags.DEFINE_string("official_repo", None, "official: checkout of WZDTHU/TiM", flag_values=fv)
+    flags.DEFINE_string("torch_python", None, "official: interpreter with torch+timm+einops",
+                        flag_values=fv)
+    flags.DEFINE_integer("rounds", 4, "official: interleaved rounds", flag_values=fv)
+    flags.DEFINE_integer("round_steps", 2, "official: steps of each framework per round",
+                         flag_values=fv)
+    flags.DEFINE_boolean("torch_flops", False, "official: also count torch FLOPs (one extra "
+                         "step under torch's FlopCounter)", flag_values=fv)
+    flags.DEFINE_integer("torch_threads", 0, "official: torch intra-op threads (0: torch's "
+                         "default)", flag_values=fv)
+    flags.DEFINE_string("json", None, "also write the result JSON to this file", flag_values=fv)
+    # accept the dashed spellings (--official-repo) as well as absl's underscores
+    norm = []
+    for a in argv:
+        if a.startswith("--") and not a.startswith("--config"):
+            name, eq, val = a[2:].partition("=")
+            a = "--" + name.replace("-", "_") + eq + val
+        norm.append(a)
+    try:
+        rest = fv(norm, known_only=False)
+    except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"bad command line: {e}") from None
+    modes = rest[1:]
+    if len(modes) != 1 or modes[0] not in MODES:
+        raise ValueError(f"give exactly one mode out of {MODES}, got {modes}")
+    if fv["config"].value is None:
+        raise ValueError("--config=<configs/file.py[:arg]> is required")
+    if modes[0] == "official" and not (fv["official_repo"].value and fv["torch_python"].value):
+        raise ValueError("official mode needs --official-repo and --torch-python")
+    return modes[0], fv
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """CLI entry point (see the module docstring); returns the exit code (2: bad usage)."""
+    argv = list(sys.argv if argv is None else argv)
+    try:
+        mode, fv = _parse(argv)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    config = fv["config"].value
+    common = dict(warmup=fv["warmup"].value, peak_n=fv["peak_n"].value,
+                  peak_reps=fv["peak_reps"].value)
+    try:
+        if mode == "train":
+            res = run_train_bench(config, steps=fv["steps"].value, **common)
+            report = format_train_report(res)
+        else:
+            res = run_official_bench(config, official_repo=fv["official_repo"].value,
+                                     torch_python=fv["torch_python"].value,
+                                     rounds=fv["rounds"].value,
+                                     round_steps=fv["round_steps"].value,
+                                     torch_flops=fv["torch_flops"].value,
+                                     torch_threads=fv["torch_threads"].value, **common)
+            report = format_official_report(res)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    print(report)
+    line = json.dumps(res)
+    print(RESULT_PREFIX + line, flush=True)
+    if fv["json"].value:
+        with open(fv["json"].value, "w") as f:
+            f.write(line + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

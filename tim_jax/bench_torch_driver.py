@@ -1,0 +1,223 @@
+"""Times the official PyTorch TiM training step; the torch half of ``tim_jax.bench official``.
+
+This file is run as a script by a *torch* interpreter (not the JAX one), as a long-lived
+subprocess of ``python -m tim_jax.bench official``::
+
+    /path/to/torch/python tim_jax/bench_torch_driver.py --spec '<json>'
+
+It imports nothing from tim_jax and no JAX. It builds the official network
+(``tim.models.c2i.tim_model.TiM``) and the official ``TransitionSchedule`` loss from an official
+checkout (``spec["official_repo"]``, put on ``sys.path``; nothing is copied), then runs the
+official trainer's step on random data in float32 on the CPU:
+
+* label dropout as in the official trainer, REPA targets drawn once as random
+  (B, N_tokens, z_dim) features;
+* ``TransitionSchedule.__call__`` (its own (t, r) sampling, the DDE or JVP derivative with
+  no-grad forwards, time weighting, adaptive weighting, directional and REPA losses);
+* ``(weighted_loss + proj_coeff * proj_loss).backward()``, ``clip_grad_norm_``,
+  ``torch.optim.AdamW``, ``zero_grad(set_to_none=True)`` and the EMA update.
+
+Three in-process shims make the GPU-only code run on a CPU; none changes what is timed:
+
+* ``flash_attn`` (imported at the top of the official model file, CUDA-only) is replaced by a
+  module whose function raises; the step passes ``attn_type`` (default ``'fused_attn'``, i.e.
+  ``F.scaled_dot_product_attention``) so it is never called.
+* ``torch.cuda.get_rng_state`` / ``set_rng_state`` (called by the official loss to replay the
+  dropout RNG; the network has no dropout) become no-ops when CUDA is absent.
+* When the installed torchvision is a CUDA build whose ops cannot load (timm imports
+  torchvision), the two op schemas its Python side needs at import are declared so the import
+  succeeds; no torchvision op is used.
+
+Protocol: after start-up one JSON line ``{"ready": true, ...}`` is written to stdout; then each
+stdin line is a JSON command, answered by one JSON line:
+
+* ``{"op": "run", "steps": k}`` -> ``{"times": [s, ...], "loss": float, "minflt_per_step": float,
+  "maxrss_mib": float}``: k steps, each timed with ``time.perf_counter``.
+* ``{"op": "flops"}`` -> ``{"flops": int}``: one step under ``torch.utils.flop_counter``
+  (matmuls and attention only).
+* ``{"op": "quit"}`` -> exits.
+
+Everything else the official code prints goes to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import inspect
+import json
+import os
+import resource
+import sys
+import time
+import types
+
+
+def _write(stream, obj) -> None:
+    stream.write(json.dumps(obj) + "\n")
+    stream.flush()
+
+
+def _import_timm_cpu_safe() -> bool:
+    """Imports timm; returns True when the torchvision op-schema shim was needed."""
+    import torch
+
+    try:
+        import timm  # noqa: F401
+
+        return False
+    except RuntimeError as err:  # a CUDA torchvision wheel beside a CPU torch
+        if "torchvision::" not in str(err):
+            raise
+    for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
+        del sys.modules[name]
+    for name in [m for m in sys.modules if m == "timm" or m.startswith("timm.")]:
+        del sys.modules[name]
+    lib = torch.library.Library("torchvision", "FRAGMENT")
+    for op in ("nms", "qnms"):
+        lib.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+    _import_timm_cpu_safe.lib = lib  # keep the fragment alive
+    import timm  # noqa: F401,F811
+
+    return True
+
+
+def _install_shims() -> dict:
+    import torch
+
+    fake = types.ModuleType("flash_attn")
+
+    def _no_flash_attn(*args, **kwargs):
+        raise RuntimeError("flash_attn is not available on CPU; use attn_type='fused_attn'")
+
+    fake.flash_attn_func = _no_flash_attn
+    sys.modules.setdefault("flash_attn", fake)
+    rng_shim = not torch.cuda.is_available()
+    if rng_shim:
+        torch.cuda.get_rng_state = lambda *a, **k: torch.empty(0, dtype=torch.uint8)
+        torch.cuda.set_rng_state = lambda *a, **k: None
+    return {"torchvision_shim": _import_timm_cpu_safe(), "cuda_rng_shim": rng_shim}
+
+
+class OfficialStep:
+    """The official trainer's step on a fixed random batch (see the module docstring)."""
+
+    def __init__(self, spec: dict):
+        import torch
+
+        self.torch = torch
+        sys.path.insert(0, spec["official_repo"])
+        from tim.models.c2i.tim_model import TiM
+        from tim.schedulers import transports
+        from tim.schedulers.transition import TransitionSchedule
+
+        torch.manual_seed(int(spec.get("seed", 0)))
+        if spec.get("threads"):
+            torch.set_num_threads(int(spec["threads"]))
+        mk = dict(spec["model"])
+        self.model = TiM(**mk).train()
+        self.ema = copy.deepcopy(self.model)
+        self.ema.requires_grad_(False)
+        tr = spec["transport"]
+        cls = getattr(transports, tr["name"])
+        accepted = inspect.signature(cls.__init__).parameters
+        self.loss_fn = TransitionSchedule(
+            transport=cls(**{k: v for k, v in tr.get("params", {}).items() if k in accepted}),
+            **spec["transition_loss"],
+        )
+        o = spec["optim"]
+        self.opt = torch.optim.AdamW(
+            self.model.parameters(), lr=o["lr"], betas=tuple(o["betas"]),
+            weight_decay=o["weight_decay"], eps=o["eps"],
+        )
+        self.max_grad_norm = float(spec["max_grad_norm"])
+        self.ema_decay = float(spec["ema_decay"])
+        self.proj_coeff = float(spec["proj_coeff"])
+        self.attn_type = spec.get("attn_type", "fused_attn")
+        b = int(spec["batch_size"])
+        size, ch, p = mk["input_size"], mk["in_channels"], mk["patch_size"]
+        self.num_classes = mk["num_classes"]
+        self.dropout = float(spec.get("label_dropout", mk.get("class_dropout_prob", 0.1)))
+        self.latent = torch.randn(b, ch, size, size)
+        self.label = torch.randint(0, self.num_classes, (b,))
+        self.h_target = torch.randn(b, (size // p) ** 2, mk["z_dim"])
+        self.n_params = sum(q.numel() for q in self.model.parameters())
+
+    def step(self) -> float:
+        torch = self.torch
+        x, label = self.latent, self.label
+        noises = torch.randn_like(x)
+        drop = torch.rand(label.shape[0]) < self.dropout
+        dropped = torch.where(drop, self.num_classes, label)
+        null = torch.ones_like(label) * self.num_classes
+        a = self.attn_type
+        weighted, proj, _ = self.loss_fn(
+            self.model, self.ema, self.model, x.shape[0], x, noises,
+            dict(y=dropped, return_zs=True, attn_type=a),
+            use_dir_loss=True, h_target=self.h_target,
+            ema_kwargs=dict(y=label, return_zs=False, attn_type=a),
+            null_kwargs=dict(y=null, return_zs=False, attn_type=a),
+        )
+        loss = weighted + self.proj_coeff * proj
+        loss.backward()
+        if self.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            d = self.ema_decay
+            for pe, pm in zip(self.ema.parameters(), self.model.parameters()):
+                pe.mul_(d).add_(pm, alpha=1.0 - d)
+        return float(loss.detach())
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--spec", required=True, help="JSON: official_repo, model, transport, ...")
+    args = parser.parse_args(argv)
+    spec = json.loads(args.spec)
+    # Protocol lines go to the real stdout; anything the official code prints goes to stderr.
+    proto = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    t0 = time.perf_counter()
+    shims = _install_shims()
+    import torch
+
+    step = OfficialStep(spec)
+    _write(proto, {
+        "ready": True, "build_s": time.perf_counter() - t0, "n_params": step.n_params,
+        "torch": torch.__version__, "threads": torch.get_num_threads(), **shims,
+    })
+    for line in sys.stdin:
+        if not line.strip():
+            continue
+        cmd = json.loads(line)
+        if cmd["op"] == "quit":
+            break
+        if cmd["op"] == "run":
+            f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            times, loss = [], float("nan")
+            for _ in range(int(cmd["steps"])):
+                s = time.perf_counter()
+                loss = step.step()
+                times.append(time.perf_counter() - s)
+            ru = resource.getrusage(resource.RUSAGE_SELF)
+            _write(proto, {
+                "times": times, "loss": loss,
+                "minflt_per_step": (ru.ru_minflt - f0) / max(len(times), 1),
+                "maxrss_mib": ru.ru_maxrss / 1024.0,
+            })
+        elif cmd["op"] == "flops":
+            from torch.utils.flop_counter import FlopCounterMode
+
+            with FlopCounterMode(display=False) as counter:
+                step.step()
+            _write(proto, {"flops": int(counter.get_total_flops())})
+        else:
+            _write(proto, {"error": f"unknown op {cmd['op']!r}; allowed: run, flops, quit"})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
