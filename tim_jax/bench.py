@@ -79,6 +79,20 @@ def _loadavg() -> Optional[list[float]]:
         return None
 
 
+def _cpu_info() -> str:
+    """``"<model name>, <n> CPUs"`` of this machine (timings only compare on the same CPU)."""
+    name = "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{name}, {os.cpu_count()} CPUs"
+
+
 def _minflt() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
@@ -204,6 +218,7 @@ def run_train_bench(config, *, steps: int = 5, warmup: int = 2, peak_n: int = 20
     (:func:`matmul_peak`), ``achieved_flops_per_s``, ``peak_fraction``, ``flop_floor_s``,
     ``floor_multiple``, ``memory`` (bytes: argument/output/alias/temp/peak), ``maxrss_mib``,
     ``minflt_per_step``, ``allocator`` (the GLIBC_TUNABLES in effect or null), ``loss``,
+    ``cpu`` (model name and CPU count), ``jax`` (version),
     ``loadavg_start`` / ``loadavg_end`` (1/5/15-min load averages).
     """
     if steps < 1 or warmup < 0:
@@ -224,7 +239,8 @@ def _train_result(config, bench: JaxStepBench, times, peak, minflt, load0) -> di
     mem = {k[:-6]: v for k, v in bench.costs.items() if k.endswith("_bytes")}
     return {
         "batch_size": b, "n_params": bench.n_params, "devices": jax.device_count(),
-        "backend": jax.default_backend(), "lower_s": bench.lower_s, "compile_s": bench.compile_s,
+        "backend": jax.default_backend(), "cpu": _cpu_info(), "jax": jax.__version__,
+        "lower_s": bench.lower_s, "compile_s": bench.compile_s,
         "step_s": st, "images_per_s": b / st["median"], "flops": bench.costs["flops"],
         "peak": peak, **_floor_fields(bench.costs["flops"], peak["flops_per_s"], st["median"]),
         "memory": mem, "maxrss_mib": _maxrss_mib(), "minflt_per_step": minflt,
@@ -242,6 +258,7 @@ def format_train_report(res: dict, title: str = "tim_jax train step") -> str:
     st, pk, mem = res["step_s"], res["peak"], res["memory"]
     lines = [
         f"== {title} ==",
+        f"machine           : {res['cpu']}; jax {res['jax']}",
         f"batch size        : {res['batch_size']} ({res['devices']} {res['backend']} device(s))",
         f"params            : {res['n_params']:,}",
         f"lower / compile   : {res['lower_s']:.2f} s / {res['compile_s']:.2f} s",
