@@ -140,6 +140,10 @@ def get_config() -> ml_collections.ConfigDict:
     d.shuffle = True               # "array": shuffle each epoch (seeded from config.seed)
     d.num_workers = 0              # grain worker processes (0 = in-process; enough on CPU)
     d.prefetch = 2                 # batches prefetched to device ahead of the step
+    d.caption_length = 16          # t2i "synthetic": caption tokens per row
+    d.null_caption = ""            # t2i: .npy of the encoded empty prompt, (caption_length,
+                                   # model.cap_feat_dim) float; "" -> the synthetic source's own
+                                   # empty caption (zeros); required for "array"
 
     # ------------------------------------------------------------------------------------------
     # mesh: named device mesh ("data", "fsdp"); sizes must multiply to the device count;

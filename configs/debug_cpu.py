@@ -1,6 +1,10 @@
 """Debug config: a tiny c2i TiM on synthetic 8x8x4 latents that trains a few steps in seconds on CPU.
 
     python -m tim_jax.train --config=configs/debug_cpu.py --workdir=/tmp/tim_debug
+    python -m tim_jax.train --config=configs/debug_cpu.py:t2i --workdir=/tmp/tim_debug_t2i
+
+``:t2i`` swaps in a tiny text-conditional network (cross-attention on 8 synthetic caption tokens
+of width 48, the synthetic source's zero "empty prompt" as the null caption).
 
 Everything not set here is the base default (configs/base.py), so this config exercises the
 full objective (DDE derivative, REPA, label dropout, time weighting) at toy scale.
@@ -8,9 +12,12 @@ full objective (DDE derivative, REPA, label dropout, time weighting) at toy scal
 import ml_collections
 
 from configs import base
+from tim_jax.models import presets
 
 
-def get_config() -> ml_collections.ConfigDict:
+def get_config(kind: str = "c2i") -> ml_collections.ConfigDict:
+    if kind not in ("c2i", "t2i"):
+        raise ValueError(f"configs/debug_cpu.py:<kind>: kind must be 'c2i' or 't2i', got {kind!r}")
     config = base.get_config()
 
     m = config.model
@@ -26,6 +33,11 @@ def get_config() -> ml_collections.ConfigDict:
     m.projector_dim = 32
     m.z_dim = 16
     m.num_classes = 10
+
+    if kind == "t2i":
+        config.model = presets.model_config("t2i_tiny", hidden_size=32, num_heads=2, lora_hidden_size=16,
+                                            projector_dim=32, z_dim=16, **presets.knobs_of(m))
+        config.data.caption_length = 8
 
     config.data.source = "synthetic"
     config.data.global_batch_size = 8

@@ -237,6 +237,54 @@ def test_workdir_of_another_architecture_is_refused_untouched(straight_run, caps
     assert _snapshot(workdir) == before
 
 
+def test_t2i_trains_from_the_cli_with_guided_sample_grids(tmp_path, capsys):
+    """configs/debug_cpu.py:t2i: the text-conditional network trains (caption dropout to the synthetic
+    empty prompt), and the sample hook draws CFG-guided grids against that null caption."""
+    workdir = tmp_path / "t2i"
+    code = train.main(["tim_jax.train", "--config", os.path.join(REPO, "configs/debug_cpu.py") + ":t2i",
+                       "--workdir", str(workdir), "--config.train.num_steps=2", "--config.train.log_every=1",
+                       "--config.ckpt.every_steps=2", "--config.sample.every_steps=2",
+                       "--config.sample.cfg_scale=2.0", "--config.sample.num_steps=(1,)"])
+    assert code == 0, capsys.readouterr().err[-3000:]
+    recs = _records(workdir)
+    assert [r["step"] for r in recs] == [1, 2] and all(np.isfinite(r["loss"]) for r in recs)
+    assert os.listdir(workdir / "samples") == ["step_00000002_nfe1.png"]
+    saved = json.loads((workdir / "config.json").read_text())
+    assert saved["model"]["kind"] == "t2i" and saved["data"]["caption_length"] == 8
+
+
+def test_t2i_null_caption_errors(tmp_path, capsys):
+    cfg = os.path.join(REPO, "configs/debug_cpu.py") + ":t2i"
+    bad_shape = tmp_path / "null_bad.npy"
+    np.save(bad_shape, np.zeros((8, 47), np.float32))
+    nonfinite = tmp_path / "null_nan.npy"
+    np.save(nonfinite, np.full((8, 48), np.nan, np.float32))
+    corrupt = tmp_path / "null_corrupt.npy"
+    corrupt.write_bytes(b"not a numpy file")
+    cases = [
+        (f"--config.data.null_caption={tmp_path / 'missing.npy'}", "cannot read it as a .npy array"),
+        (f"--config.data.null_caption={corrupt}", "cannot read it as a .npy array"),
+        (f"--config.data.null_caption={bad_shape}", "shape (8, 47), expected (caption_length, 48)"),
+        (f"--config.data.null_caption={nonfinite}", "must hold finite floats"),
+    ]
+    for override, message in cases:
+        workdir = tmp_path / "run"
+        code = train.main(["tim_jax.train", "--config", cfg, "--workdir", str(workdir), override])
+        err = capsys.readouterr().err
+        assert code == train.EXIT_USAGE and message in err, (override, err)
+        assert not workdir.exists()
+    # the array source has no empty prompt of its own
+    data_path = tmp_path / "latents.npz"
+    np.savez(data_path, x=np.zeros((16, 8, 8, 4), np.float32), cond=np.zeros((16, 8, 48), np.float32))
+    code = train.main(["tim_jax.train", "--config", cfg, "--workdir", str(tmp_path / "run"),
+                       "--config.data.source=array", f"--config.data.path={data_path}",
+                       "--config.data.use_repa_target=False"])
+    assert code == train.EXIT_USAGE and "data.null_caption must name a .npy file" in capsys.readouterr().err
+    code = train.main(["tim_jax.train", "--config", os.path.join(REPO, "configs/debug_cpu.py") + ":x2i",
+                       "--workdir", str(tmp_path / "run")])
+    assert code == train.EXIT_USAGE and "kind must be 'c2i' or 't2i', got 'x2i'" in capsys.readouterr().err
+
+
 # ---- the allocator re-exec -----------------------------------------------------------------
 _PROBE = """
 from tim_jax import _allocator

@@ -276,8 +276,43 @@ def make_source(config):
                 raise ValueError("data.use_repa_target is True but data.path has no 'repa_target' array")
         else:
             arrays.pop("repa_target", None)
+        if m.get("kind", "c2i") == "t2i":
+            null = load_null_caption(config)
+            if tuple(arrays["cond"].shape[1:]) != null.shape:
+                raise ValueError(f"data.path: captions have shape {tuple(arrays['cond'].shape[1:])} per row "
+                                 f"but data.null_caption has shape {null.shape}; they must match")
         return ArraySource(arrays)
     raise ValueError(f"data.source must be 'synthetic' or 'array', got {kind!r}")
+
+
+def load_null_caption(config) -> np.ndarray | None:
+    """The t2i null condition: the encoded empty prompt, (L, model.cap_feat_dim) float32; None for c2i.
+
+    From ``config.data.null_caption`` (a ``.npy`` file) when set; otherwise, for the synthetic
+    source only, zeros of the synthetic caption shape (its "empty prompt"). Raises ValueError
+    naming the field for a missing/unreadable file, a wrong shape or non-finite values.
+    """
+    d, m = config.data, config.model
+    if m.get("kind", "c2i") != "t2i":
+        return None
+    want_dim = int(m.cap_feat_dim)
+    path = str(d.get("null_caption", "") or "")
+    if not path:
+        if d.source == "synthetic":
+            return np.zeros((int(d.get("caption_length", 16)), want_dim), np.float32)
+        raise ValueError("data.null_caption must name a .npy file of the encoded empty prompt "
+                         f"(shape (caption_length, {want_dim})) to train model.kind='t2i' on "
+                         f"data.source={d.source!r}")
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"data.null_caption={path!r}: cannot read it as a .npy array ({e})") from None
+    if arr.ndim != 2 or arr.shape[1] != want_dim:
+        raise ValueError(f"data.null_caption={path!r}: shape {arr.shape}, expected (caption_length, "
+                         f"{want_dim}) (model.cap_feat_dim={want_dim})")
+    if not np.issubdtype(arr.dtype, np.floating) or not np.isfinite(arr).all():
+        raise ValueError(f"data.null_caption={path!r}: must hold finite floats (dtype {arr.dtype})")
+    return arr.astype(np.float32)
 
 
 def make_train_iterator(config, *, process_index: int | None = None, process_count: int | None = None):

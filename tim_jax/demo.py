@@ -33,7 +33,6 @@ import argparse
 import ast
 import dataclasses
 import json
-import math
 import os
 import sys
 import time
@@ -48,6 +47,7 @@ METRIC_DOCS = {
     "class_acc": "fraction of generated images the classifier assigns to their conditioning class",
     "swd": "sliced 2-Wasserstein distance to a fresh sample of the true mixture (lower is better)",
 }
+LR_SCHEDULES = ("warmup_cosine", "constant")
 PRIMARY_METRIC = {"digits": "fd", "gmm": "swd"}
 PLOT_TITLES = {"fd": "Fréchet distance to real digits (lower is better)",
                "class_acc": "class accuracy of the samples (higher is better)",
@@ -79,6 +79,7 @@ class DemoSettings:
     train_seconds: float = 0.0
     batch_size: Optional[int] = None
     lr: Optional[float] = None
+    lr_schedule: Optional[str] = None
     ema_decay: Optional[float] = None
     num_samples: Optional[int] = None
     width: Optional[int] = None
@@ -103,6 +104,8 @@ class DemoSettings:
             raise DemoError(f"train-seconds must be >= 0; got {self.train_seconds}")
         if not self.lr > 0:
             raise DemoError(f"lr must be > 0; got {self.lr}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise DemoError(f"lr-schedule must be one of {list(LR_SCHEDULES)}; got {self.lr_schedule!r}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise DemoError(f"ema-decay must be in [0, 1); got {self.ema_decay}")
 
@@ -110,8 +113,10 @@ class DemoSettings:
 # Per-dataset defaults: chosen so that the full digits run takes about 10 minutes and --quick about a minute on an
 # idle 2-core CPU, with the any-step property holding over seeds (see the README's demo section for the figures).
 DEFAULTS: dict[str, dict[str, Any]] = {
-    "digits": dict(train_steps=3000, batch_size=64, lr=1e-3, ema_decay=0.998, num_samples=1000, width=64, depth=3),
-    "gmm": dict(train_steps=3000, batch_size=256, lr=2e-3, ema_decay=0.995, num_samples=4000, width=64, depth=3),
+    "digits": dict(train_steps=3000, batch_size=64, lr=2e-3, lr_schedule="warmup_cosine", ema_decay=0.995,
+                   num_samples=2000, width=64, depth=3),
+    "gmm": dict(train_steps=3000, batch_size=256, lr=2e-3, lr_schedule="warmup_cosine", ema_decay=0.995,
+                num_samples=4000, width=64, depth=3),
 }
 
 
@@ -201,6 +206,9 @@ def make_config(settings: DemoSettings, data: Dataset, model: str):
     c.data.global_batch_size = settings.batch_size
     c.optim.lr = settings.lr
     c.optim.scale_lr = False
+    c.optim.schedule = settings.lr_schedule
+    # linear warm-up over the first 100 steps (at most a tenth of the run); the cosine decays to 0 at train_steps
+    c.optim.warmup_steps = min(100, settings.train_steps // 10)
     c.ema.decays = (settings.ema_decay,)
     c.mesh.data, c.mesh.fsdp = 1, 1
     c.train.num_steps = settings.train_steps
@@ -406,9 +414,8 @@ class Evaluator:
         return {"swd": evaluation.sliced_wasserstein(samples.reshape(-1, 2), self.reference, seed=self.seed)}
 
 
-def sample_labels(data: Dataset, n: int, seed: int) -> np.ndarray:
+def sample_labels(data: Dataset, n: int) -> np.ndarray:
     """Balanced class labels (n,), class-major: n // num_classes of each class, the remainder spread from class 0."""
-    del seed
     per = np.full(data.num_classes, n // data.num_classes)
     per[: n % data.num_classes] += 1
     return np.repeat(np.arange(data.num_classes, dtype=np.int32), per)
@@ -504,11 +511,31 @@ def metrics_markdown(metrics: dict, info: dict, dataset: str) -> str:
                 cells.append("" if v is None else f"{v:.3f}")
         rows.append(f"| {s} | " + " | ".join(cells) + " |")
     lines = [head, sep, *rows, ""]
+    lines += [f"- {line.strip()}" for line in info.get("summary", [])]
     lines += [f"- `{n}`: {METRIC_DOCS[n]}" for n in names]
     for key in ("classifier_heldout_accuracy", "fd_real_halves", "swd_real_vs_real"):
         if key in info:
             lines.append(f"- `{key}`: {info[key]:.4f}")
     return "\n".join(lines) + "\n"
+
+
+def any_step_summary(metrics: dict, dataset: str) -> list[str]:
+    """Plain-language comparison lines: TiM vs flow matching at the fewest and the most steps, TiM's own spread."""
+    name = PRIMARY_METRIC[dataset]
+    tim, fm = metrics.get("tim", {}), metrics.get("flow_matching", {})
+    steps = sorted(int(s) for s in tim if s in fm)
+    if not steps:
+        return []
+    lines = []
+    for s in sorted({steps[0], steps[min(1, len(steps) - 1)], steps[-1]}):
+        a, b = tim[str(s)][name], fm[str(s)][name]
+        lines.append(f"{s:>3} step{'s' if s > 1 else ' '}: TiM {name} {a:.3f} vs flow matching {b:.3f} "
+                     f"(ratio {a / b:.2f})" if b > 0 else f"{s} steps: TiM {a:.3f} vs flow matching {b:.3f}")
+    values = [tim[str(s)][name] for s in steps]
+    best = int(np.argmin(values))
+    lines.append(f"TiM {name} over {steps[0]}..{steps[-1]} steps: best {values[best]:.3f} at {steps[best]} steps, "
+                 f"worst {max(values):.3f}")
+    return lines
 
 
 def write_json(path: str, obj) -> None:
@@ -570,7 +597,7 @@ def run_demo(settings: DemoSettings, log: Callable[[str], None] = print) -> dict
     if settings.dataset == "digits":
         log(f"[demo] feature classifier: held-out accuracy {evaluator.info['classifier_heldout_accuracy']:.3f}, "
             f"real-vs-real FD {evaluator.info['fd_real_halves']:.3f}")
-    labels = sample_labels(data, settings.num_samples, settings.seed)
+    labels = sample_labels(data, settings.num_samples)
     shape = tuple(data.x.shape[1:])
     apply_fn = None
     for model in MODELS:
@@ -603,6 +630,9 @@ def run_demo(settings: DemoSettings, log: Callable[[str], None] = print) -> dict
             f"compile); {primary} by steps: " +
             ", ".join(f"{s}: {metrics[model][str(s)][primary]:.3f}" for s in settings.steps))
 
+    run["summary"] = any_step_summary(metrics, settings.dataset)
+    for line in run["summary"]:
+        log(f"[demo] {line}")
     run["wall_seconds"] = round(time.perf_counter() - t_start, 1)
     run["process_cpu_seconds"] = round(time.process_time() - cpu_start, 1)
     run["load_average_end"] = _loadavg()
@@ -648,30 +678,42 @@ def _parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
+def _defaults(field: str) -> str:
+    return ", ".join(f"{name} {DEFAULTS[name][field]}" for name in DATASETS)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m tim_jax.demo",
         description="Train TiM and a flow-matching baseline (same network, data, seed and budget) on a small real "
                     "dataset on CPU, sample both with 1..32 steps and compare quality vs steps.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        epilog="Exit status: 0 on success, 2 for a bad command line (unknown dataset, unwritable --out, bad value).")
     p.add_argument("--dataset", choices=DATASETS, default=None,
-                   help="'digits' (scikit-learn 8x8 digits, default) or 'gmm' (2-D Gaussian mixture)")
+                   help="'digits' (scikit-learn 8x8 digits; the default) or 'gmm' (2-D Gaussian mixture)")
     p.add_argument("--quick", action="store_true",
                    help="the ~1 minute version: --dataset gmm (2-D mixture, sliced Wasserstein distance)")
     p.add_argument("--out", default=None, help="output folder (default: tim_demo, or tim_demo_quick with --quick)")
-    p.add_argument("--steps", type=_parse_steps, default=(1, 2, 4, 8, 16, 32), help="sampling step counts")
-    p.add_argument("--seed", type=int, default=0, help="seed of data order, init, noise and evaluation")
+    p.add_argument("--steps", type=_parse_steps, default=(1, 2, 4, 8, 16, 32), help="comma-separated sampling step counts (default: 1,2,4,8,16,32)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the parameter init, data order, training noise and sampling noise "
+                                                          "(the evaluation is the same for every seed; default: 0)")
     p.add_argument("--train-steps", type=int, default=None,
-                   help="optimizer steps per model (default: digits %d, gmm %d)"
-                        % (DEFAULTS["digits"]["train_steps"], DEFAULTS["gmm"]["train_steps"]))
+                   help="optimizer steps per model (default: %s)" % _defaults("train_steps"))
     p.add_argument("--train-seconds", type=float, default=0.0,
-                   help="also stop each model's training after this many seconds (after compilation); 0 = no limit")
-    p.add_argument("--batch-size", type=int, default=None, help="global batch size (default: digits 64, gmm 256)")
-    p.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default: digits 1e-3, gmm 2e-3)")
-    p.add_argument("--ema-decay", type=float, default=None, help="EMA decay of the evaluated params")
-    p.add_argument("--num-samples", type=int, default=None, help="generated samples per step count and model")
-    p.add_argument("--width", type=int, default=None, help="network width (TiM hidden_size / MLP width)")
-    p.add_argument("--depth", type=int, default=None, help="number of transformer / MLP blocks")
+                   help="also stop each model's training after this many seconds (after compilation); "
+                        "0 = no limit (default)")
+    p.add_argument("--batch-size", type=int, default=None, help="global batch size (default: %s)" % _defaults("batch_size"))
+    p.add_argument("--lr", type=float, default=None, help="peak AdamW learning rate (default: %s)" % _defaults("lr"))
+    p.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=None,
+                   help="'warmup_cosine': 100 warm-up steps then cosine decay to 0 at --train-steps (default); "
+                        "'constant': the official constant lr (after the same warm-up)")
+    p.add_argument("--ema-decay", type=float, default=None,
+                   help="decay of the EMA whose params are evaluated (default: %s)" % _defaults("ema_decay"))
+    p.add_argument("--num-samples", type=int, default=None,
+                   help="generated samples per step count and model (default: %s)" % _defaults("num_samples"))
+    p.add_argument("--width", type=int, default=None,
+                   help="network width, TiM hidden_size / MLP width (default: %s)" % _defaults("width"))
+    p.add_argument("--depth", type=int, default=None,
+                   help="number of transformer / MLP blocks (default: %s)" % _defaults("depth"))
     p.add_argument("--set", dest="overrides", type=_parse_override, action="append", default=[],
                    metavar="SECTION.FIELD=VALUE",
                    help="override any field of the run config (configs/base.py), e.g. --set objective.derivative=jvp")
@@ -686,7 +728,7 @@ def settings_from_args(args: argparse.Namespace) -> DemoSettings:
     out = args.out or ("tim_demo_quick" if args.quick else "tim_demo")
     return DemoSettings(dataset=dataset, out=out, steps=tuple(args.steps), seed=args.seed,
                         train_steps=args.train_steps, train_seconds=args.train_seconds, batch_size=args.batch_size,
-                        lr=args.lr, ema_decay=args.ema_decay, num_samples=args.num_samples, width=args.width,
+                        lr=args.lr, lr_schedule=args.lr_schedule, ema_decay=args.ema_decay, num_samples=args.num_samples, width=args.width,
                         depth=args.depth, overrides=tuple(args.overrides), progress=not args.no_progress)
 
 

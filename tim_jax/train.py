@@ -199,12 +199,24 @@ def maybe_initialize_distributed() -> None:
     jax.distributed.initialize(**kw)
 
 
+class _CurrentStderrHandler(logging.StreamHandler):
+    """A StreamHandler bound to whatever ``sys.stderr`` is at emit time (not the one at setup)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value):
+        pass
+
+
 def _setup_logging() -> None:
     level = logging.INFO if jax.process_index() == 0 else logging.WARNING
     root = logging.getLogger("tim_jax")
     root.setLevel(level)
     if not root.handlers:
-        h = logging.StreamHandler(sys.stderr)
+        h = _CurrentStderrHandler()
         h.setFormatter(logging.Formatter(
             f"%(asctime)s [p{jax.process_index()}] %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
         root.addHandler(h)
@@ -279,20 +291,17 @@ def _truncate_jsonl(path: str, last_step: int) -> None:
 
 
 def _sample_inputs(config):
-    """(cond, null_cond) for the sample hook, or None when it cannot sample (t2i + guidance)."""
+    """(cond, null_cond) for the sample hook, or None when it cannot sample (t2i: too few captions in a batch)."""
     n = int(config.sample.num_images)
     if config.model.kind == "c2i":
         k = int(config.model.num_classes)
         return np.arange(n, dtype=np.int32) % k, tstep.null_cond(config)
-    if float(config.sample.cfg_scale) > 1.0:
-        log.warning("sample hook off: t2i guidance needs the encoded empty caption")
-        return None
     it = data.make_train_iterator(config, process_index=0, process_count=1)
     cond = next(it)["cond"]
     if len(cond) < n:
         log.warning("sample hook off: a batch has fewer than sample.num_images=%d captions", n)
         return None
-    return cond[:n], None
+    return cond[:n], tstep.null_cond(config, data.load_null_caption(config))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -324,7 +333,9 @@ def prepare(config, workdir: str, model_fn: Optional[Callable] = None) -> _Plan:
                                   int(config.optim.grad_accum_steps))
         tx, _ = optim.make_optimizer(config)
         abstract, shardings, graphdef = ts.abstract_train_state(config, mesh, model_fn=model_fn, tx=tx)
-        step_fn = tstep.make_train_step(config, graphdef, mesh, shardings, tx=tx)
+        null = data.load_null_caption(config)   # t2i: the encoded empty prompt; None for c2i
+        step_fn = tstep.make_train_step(config, graphdef, mesh, shardings, tx=tx,
+                                        null=None if null is None else tstep.null_cond(config, null))
         host_iter = data.make_train_iterator(config)
         resume_step = checkpointing.latest_step(workdir)
         if resume_step is not None and not config.ckpt.resume:
