@@ -96,7 +96,7 @@ def get_config() -> ml_collections.ConfigDict:
     ob.dde_delta = 0.005           # DDE half-step in t (official differential_epsilon)
     ob.weight_type = "sqrt"        # interval weight: constant|reciprocal|sqrt|square|Soft-Min-SNR
     ob.weight_warp = "tangent"     # time warp inside the weight: "plain" | "tangent" | "sigmoid"
-    ob.weight_base = "t_and_r"     # weight of (t, r) ("t_and_r", official) or of t only ("t")
+    ob.weight_base = "t_and_r"     # weight of (t, r) ("t_and_r", official) or of t only ("t_only")
     ob.use_dir_loss = True         # add the per-pixel channel cosine (directional) loss
     ob.adaptive_eps = 1e-5         # adaptive weight 1 / (stop_grad(L_i) + adaptive_eps)
     ob.repa_coeff = 1.0            # REPA cosine-loss coefficient (0 disables the projector loss)

@@ -145,6 +145,9 @@ def test_official_side_by_side_on_debug_config():
     t = res["torch"]
     assert t["n_params"] == res["jax"]["n_params"]   # same architecture on both sides
     assert t["step_s"]["n"] == 2 and math.isfinite(t["loss"])
+    assert t["peak"]["n"] == 128 and t["peak"]["reps"] == 2 and t["peak"]["flops_per_s"] > 0
+    torch_peak_line = [ln for ln in report.splitlines() if "torch fp32 128^3, median of 2" in ln]
+    assert len(torch_peak_line) == 1 and torch_peak_line[0].endswith("x XLA's"), report
     assert [r["first"] for r in res["rounds"]] == ["jax", "torch"]
     ratios = sorted(r["torch_median"] / r["jax_median"] for r in res["rounds"])
     assert math.isclose(res["speedup"], (ratios[0] + ratios[1]) / 2, rel_tol=1e-9)

@@ -134,3 +134,50 @@ def test_sample_labels_and_markdown():
     metrics = {"tim": {"1": {"fd": 1.0, "class_acc": 0.9}}, "flow_matching": {"1": {"fd": 9.0, "class_acc": 1.0}}}
     md = demo.metrics_markdown(metrics, {"fd_real_halves": 0.5}, "digits")
     assert "| 1 | 1.000 | 9.000 | 0.900 | 1.000 |" in md and "fd_real_halves" in md
+
+
+def test_aggregate_seeds_and_markdown():
+    def run(tim1, tim32, fm1, fm32):
+        return {"tim": {"1": {"fd": tim1, "class_acc": 0.9}, "32": {"fd": tim32, "class_acc": 0.9}},
+                "flow_matching": {"1": {"fd": fm1, "class_acc": 1.0}, "32": {"fd": fm32, "class_acc": 1.0}}}
+    agg = demo.aggregate_seeds({0: run(2.0, 1.5, 20.0, 1.6), 1: run(3.0, 1.9, 22.0, 1.6)}, "digits")
+    assert agg["seeds"] == [0, 1]
+    fd1 = agg["metrics"]["tim"]["1"]["fd"]
+    assert fd1["values"] == [2.0, 3.0] and fd1["mean"] == pytest.approx(2.5)
+    assert fd1["std"] == pytest.approx(np.std([2.0, 3.0], ddof=1))
+    assert agg["paired"]["tim_minus_fm"]["32"]["values"] == pytest.approx([-0.1, 0.3])
+    assert agg["paired"]["tim_rise"]["values"] == pytest.approx([0.0, 0.0])   # 32 steps is TiM's best in both
+    md = demo.seeds_markdown(agg, "digits")
+    assert "| 1 | 2.500 ± 0.707 | 21.000 ± 1.414 |" in md
+    assert "TiM − flow matching at 32 step(s), per seed: +0.100 ± 0.283 (-0.100, +0.300)" in md
+
+
+def test_seeds_option_runs_each_seed_into_its_folder(tmp_path, capsys):
+    out = tmp_path / "multi"
+    code = demo.main(["--quick", "--out", str(out), "--seeds", "0,1", "--train-steps", "20", "--num-samples", "200",
+                      "--steps", "1,2", "--no-progress", "--no-parallel"])
+    assert code == 0, capsys.readouterr().err
+    for s in (0, 1):
+        assert (out / f"seed_{s}" / "metrics.json").is_file()
+    agg = json.loads((out / "metrics_over_seeds.json").read_text())
+    assert agg["seeds"] == [0, 1] and set(agg["metrics"]) == {"tim", "flow_matching"}
+    assert len(agg["metrics"]["tim"]["2"]["swd"]["values"]) == 2
+    assert "mean ± std" in (out / "metrics_over_seeds.md").read_text()
+    assert demo.main(["--quick", "--out", str(tmp_path / "x"), "--seeds", "1,1"]) == 2
+    assert "must not repeat" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_default_digits_demo_shows_the_claims(tmp_path):
+    """The README's main job (digits, default budget, seed 0; ~10 min on 2 cores) and its claims: TiM's 1- and
+    2-step Fréchet distance at most half of flow matching's, TiM at 32 steps no worse than flow matching at 32, and
+    TiM's 32-step distance within 0.05 of its best (the paired seed-to-seed spread, see the README). The fast
+    version of the same pipeline is test_quick_gmm_run_shows_any_step_property."""
+    out = str(tmp_path / "digits")
+    demo.run_demo(demo.DemoSettings(out=out, progress=False), log=lambda *_: None)
+    m = _read_metrics(out)
+    tim = {int(s): v["fd"] for s, v in m["tim"].items()}
+    fm = {int(s): v["fd"] for s, v in m["flow_matching"].items()}
+    assert tim[1] <= 0.5 * fm[1] and tim[2] <= 0.5 * fm[2], (tim, fm)
+    assert tim[32] <= fm[32], (tim, fm)
+    assert tim[32] <= min(tim.values()) + 0.05, tim

@@ -391,6 +391,10 @@ class TorchOfficialStep:
     def flops(self) -> int:
         return int(self._ask({"op": "flops"})["flops"])
 
+    def matmul_peak(self, n: int = 2048, reps: int = 7) -> dict:
+        """torch's fp32 matmul speed, measured like :func:`matmul_peak`."""
+        return self._ask({"op": "peak", "n": int(n), "reps": int(reps)})
+
     def close(self) -> None:
         if self.proc.poll() is None:
             try:
@@ -417,7 +421,8 @@ def run_official_bench(config, *, official_repo: str, torch_python: str, rounds:
 
     Keys: ``jax`` (the :func:`run_train_bench` dict over all timed rounds), ``torch``
     ({``step_s``, ``images_per_s``, ``n_params``, ``version``, ``threads``, ``build_s``,
-    ``minflt_per_step``, ``maxrss_mib``, ``loss``, ``shims``, optionally ``flops`` from torch's
+    ``minflt_per_step``, ``maxrss_mib``, ``loss``, ``shims``, ``peak`` (torch's fp32 matmul
+    speed, measured like the JAX one), optionally ``flops`` from torch's
     FlopCounter (matmuls and attention only) and ``floor_multiple`` against the JAX FLOP count}),
     ``rounds`` (per round: ``jax_median``, ``torch_median``, ``ratio``, ``first``), ``speedup``
     (median of the per-round ratios torch/jax; > 1 means tim_jax is faster) and its
@@ -432,6 +437,7 @@ def run_official_bench(config, *, official_repo: str, torch_python: str, rounds:
     spec = official_spec(config, official_repo, seed=int(config.seed), threads=torch_threads)
     with TorchOfficialStep(torch_python, spec) as torch_step:
         peak = matmul_peak(peak_n, peak_reps)
+        torch_peak = torch_step.matmul_peak(peak_n, peak_reps)
         bench = build_jax_bench(config)
         bench.run(warmup)
         torch_step.run(warmup)
@@ -463,7 +469,7 @@ def run_official_bench(config, *, official_repo: str, torch_python: str, rounds:
         "minflt_per_step": torch_last.get("minflt_per_step"),
         "maxrss_mib": torch_last.get("maxrss_mib"), "loss": torch_last.get("loss"),
         "shims": {k: info[k] for k in ("torchvision_shim", "cuda_rng_shim") if k in info},
-        "floor_multiple": tst["median"] / jax_res["flop_floor_s"],
+        "floor_multiple": tst["median"] / jax_res["flop_floor_s"], "peak": torch_peak,
     }
     if t_flops is not None:
         torch_res["flops"] = t_flops
@@ -488,7 +494,10 @@ def format_official_report(res: dict) -> str:
              f"{t['step_s']['min']:.4f}, max {t['step_s']['max']:.4f}, spread "
              f"{100 * t['step_s']['spread']:.1f} %, n={t['step_s']['n']})",
              f"images/s          : {t['images_per_s']:.3f}",
-             f"step vs JAX floor : {t['floor_multiple']:.2f}x the tim_jax FLOP floor"]
+             f"step vs JAX floor : {t['floor_multiple']:.2f}x the tim_jax FLOP floor",
+             f"matmul peak       : {t['peak']['flops_per_s'] / 1e9:.2f} GFLOP/s (torch fp32 "
+             f"{t['peak']['n']}^3, median of {t['peak']['reps']}) = "
+             f"{t['peak']['flops_per_s'] / j['peak']['flops_per_s']:.2f}x XLA's"]
     if "flops" in t:
         lines.append(f"FLOPs/step        : {t['flops'] / 1e9:.2f} GFLOP (torch FlopCounter: "
                      "matmuls + attention only)")

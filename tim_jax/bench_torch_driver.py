@@ -33,6 +33,8 @@ stdin line is a JSON command, answered by one JSON line:
 
 * ``{"op": "run", "steps": k}`` -> ``{"times": [s, ...], "loss": float, "minflt_per_step": float,
   "maxrss_mib": float}``: k steps, each timed with ``time.perf_counter``.
+* ``{"op": "peak", "n": 2048, "reps": 7}`` -> ``{"flops_per_s", "median_s", "n", "reps"}``: torch's
+  fp32 matmul speed on this machine (to compare with XLA's, measured the same way).
 * ``{"op": "flops"}`` -> ``{"flops": int}``: one step under ``torch.utils.flop_counter``
   (matmuls and attention only).
 * ``{"op": "quit"}`` -> exits.
@@ -171,6 +173,20 @@ class OfficialStep:
         return float(loss.detach())
 
 
+def _matmul_peak(torch, n: int, reps: int) -> dict:
+    """torch's fp32 GEMM speed: median of ``reps`` timed ``n``-cubed matmuls (after one untimed)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)
+    ts = []
+    for _ in range(reps):
+        s = time.perf_counter()
+        torch.mm(a, b)
+        ts.append(time.perf_counter() - s)
+    ts.sort()
+    med = ts[len(ts) // 2]
+    return {"flops_per_s": 2.0 * n ** 3 / med, "median_s": med, "n": n, "reps": reps}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--spec", required=True, help="JSON: official_repo, model, transport, ...")
@@ -208,6 +224,8 @@ def main(argv=None) -> int:
                 "minflt_per_step": (ru.ru_minflt - f0) / max(len(times), 1),
                 "maxrss_mib": ru.ru_maxrss / 1024.0,
             })
+        elif cmd["op"] == "peak":
+            _write(proto, _matmul_peak(torch, int(cmd.get("n", 2048)), int(cmd.get("reps", 7))))
         elif cmd["op"] == "flops":
             from torch.utils.flop_counter import FlopCounterMode
 
@@ -215,7 +233,7 @@ def main(argv=None) -> int:
                 step.step()
             _write(proto, {"flops": int(counter.get_total_flops())})
         else:
-            _write(proto, {"error": f"unknown op {cmd['op']!r}; allowed: run, flops, quit"})
+            _write(proto, {"error": f"unknown op {cmd['op']!r}; allowed: run, peak, flops, quit"})
     return 0
 
 

@@ -86,6 +86,7 @@ class DemoSettings:
     depth: Optional[int] = None
     overrides: tuple[tuple[str, Any], ...] = ()
     progress: bool = True
+    parallel: bool = True    # train the two models at once, each process pinned to half of the CPUs (>= 2 CPUs)
 
     def resolved(self) -> "DemoSettings":
         """A copy with every ``None`` replaced by the dataset default."""
@@ -111,10 +112,13 @@ class DemoSettings:
 
 
 # Per-dataset defaults: chosen so that the full digits run takes about 10 minutes and --quick about a minute on an
-# idle 2-core CPU, with the any-step property holding over seeds (see the README's demo section for the figures).
+# idle 2-core CPU (the two models train side by side, one core each), with the any-step property holding over seeds
+# (see the README's demo section for the figures). Width 64 was too small for digits: TiM's FD then rose by 0.2-0.3
+# from 4 to 32 steps on every seed (capacity-bound at the small intervals), and fewer than 3,000 steps at width 128
+# brought the rise back.
 DEFAULTS: dict[str, dict[str, Any]] = {
     "digits": dict(train_steps=3000, batch_size=64, lr=2e-3, lr_schedule="warmup_cosine", ema_decay=0.995,
-                   num_samples=2000, width=64, depth=3),
+                   num_samples=2000, width=128, depth=3),
     "gmm": dict(train_steps=3000, batch_size=256, lr=2e-3, lr_schedule="warmup_cosine", ema_decay=0.995,
                 num_samples=4000, width=64, depth=3),
 }
@@ -276,12 +280,14 @@ class TrainResult:
 
 
 def train_model(config, model_fn: Callable, data: Dataset, *, max_seconds: float, desc: str,
-                progress: bool = True, steps_per_call: int = 50) -> TrainResult:
+                progress: bool = True, steps_per_call: int = 50,
+                on_progress: Optional[Callable[[int, float], None]] = None) -> TrainResult:
     """Train one model with the real TiM train step on the first device; returns its EMA params.
 
     The step is :func:`tim_jax.train_step.train_step_fn` (objective + clipping + AdamW + EMA, skip on non-finite),
     run ``steps_per_call`` times per jitted call with ``lax.scan`` over stacked batches: the demo networks are so
-    small that per-call dispatch would otherwise dominate on CPU.
+    small that per-call dispatch would otherwise dominate on CPU. ``on_progress(steps_done, loss)`` is called after
+    every jitted call.
     """
     import jax
     from tqdm.auto import tqdm
@@ -334,6 +340,8 @@ def train_model(config, model_fn: Callable, data: Dataset, *, max_seconds: float
         done += k
         bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
         bar.update(k)
+        if on_progress is not None:
+            on_progress(done, loss)
         if max_seconds and time.perf_counter() - t_loop >= max_seconds:
             break
     bar.close()
@@ -342,6 +350,99 @@ def train_model(config, model_fn: Callable, data: Dataset, *, max_seconds: float
     ema = jax.device_get(state.ema_params)
     return TrainResult(ema[train_state.ema_key(config.ema.decays[0])], graphdef, done, compile_s, train_s, loss,
                        ema_params=ema)
+
+
+def _train_worker(conn, settings: "DemoSettings", model: str, cpus: Sequence[int]) -> None:
+    """Child process of :func:`train_models_in_parallel`: pinned to ``cpus`` BEFORE jax is imported (XLA sizes its
+    thread pool from the affinity mask), trains ``model`` and sends ``("done", fields)`` (or ``("error", text)``)."""
+    import traceback
+
+    try:
+        os.sched_setaffinity(0, cpus)
+        data = load_dataset(settings.dataset, settings.seed)
+        config = make_config(settings, data, model)
+        result = train_model(config, model_fn_for(settings, data, config), data, max_seconds=settings.train_seconds,
+                             desc=model, progress=False,
+                             on_progress=lambda done, loss: conn.send(("progress", (done, loss))))
+        fields = {f.name: getattr(result, f.name) for f in dataclasses.fields(result) if f.name != "graphdef"}
+        conn.send(("done", fields))
+    except BaseException:  # noqa: BLE001 - everything goes back to the parent, which raises
+        conn.send(("error", traceback.format_exc()))
+    finally:
+        conn.close()
+
+
+def can_train_in_parallel() -> bool:
+    """Whether this process may use two disjoint CPU sets (Linux affinity API and at least 2 CPUs)."""
+    return hasattr(os, "sched_getaffinity") and hasattr(os, "sched_setaffinity") and len(os.sched_getaffinity(0)) >= 2
+
+
+def train_models_in_parallel(settings: "DemoSettings", data: Dataset, configs: dict, *,
+                             timeout_s: float = 24 * 3600.0) -> dict[str, TrainResult]:
+    """Train every model of ``MODELS`` at once, one spawned process each, pinned to disjoint halves of the CPUs.
+
+    The demo networks are too small for XLA to use two cores well within one step, so two single-core trainings side
+    by side finish in about the time of one two-core training. Results are the same training as
+    :func:`train_model` in this process (same seed, data order and step); the parent rebuilds the graphdef.
+    """
+    import multiprocessing
+
+    from tqdm.auto import tqdm
+
+    from tim_jax import train_state
+
+    cpus = sorted(os.sched_getaffinity(0))
+    half = len(cpus) // 2
+    groups = dict(zip(MODELS, (cpus[:half], cpus[half:])))
+    ctx = multiprocessing.get_context("spawn")     # no fork after jax is imported
+    procs = {}
+    for model in MODELS:
+        parent_end, child_end = ctx.Pipe(duplex=False)
+        proc = ctx.Process(target=_train_worker, args=(child_end, settings, model, groups[model]), daemon=True,
+                           name=f"tim-demo-train-{model}")
+        proc.start()
+        child_end.close()
+        procs[model] = (proc, parent_end)
+    total = int(settings.train_steps) * len(MODELS)
+    bar = tqdm(total=total, desc="train " + " + ".join(MODELS), disable=not settings.progress, leave=True,
+               dynamic_ncols=True, mininterval=0.5)
+    done = {m: 0 for m in MODELS}
+    results: dict[str, TrainResult] = {}
+    deadline = time.monotonic() + timeout_s
+    try:
+        while len(results) < len(MODELS):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"training did not finish within {timeout_s:.0f} s")
+            for model, (proc, conn) in procs.items():
+                if model in results:
+                    continue
+                if not conn.poll(0.1):
+                    if not proc.is_alive() and not conn.poll(0):
+                        raise RuntimeError(f"the {model} training process died (exit code {proc.exitcode})")
+                    continue
+                try:
+                    kind, payload = conn.recv()
+                except EOFError:
+                    raise RuntimeError(f"the {model} training process died (exit code {proc.exitcode})") from None
+                if kind == "progress":
+                    steps, loss = payload
+                    bar.update(steps - done[model])
+                    done[model] = steps
+                    bar.set_postfix({model: f"{loss:.4f}"}, refresh=False)
+                elif kind == "error":
+                    raise RuntimeError(f"training {model} failed in its worker process:\n{payload}")
+                else:
+                    graphdef = train_state.abstract_model(configs[model], model_fn_for(settings, data, configs[model]))[0]
+                    results[model] = TrainResult(graphdef=graphdef, **payload)
+    finally:
+        bar.close()
+        for proc, conn in procs.values():
+            conn.close()
+            proc.join(timeout=10)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+    return results
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -600,10 +701,20 @@ def run_demo(settings: DemoSettings, log: Callable[[str], None] = print) -> dict
     labels = sample_labels(data, settings.num_samples)
     shape = tuple(data.x.shape[1:])
     apply_fn = None
+    parallel = settings.parallel and can_train_in_parallel()
+    run["parallel_training"] = parallel
+    trained = {}
+    if parallel:
+        log(f"[demo] training {' and '.join(MODELS)} side by side, each on {len(os.sched_getaffinity(0)) // 2} "
+            "CPU core(s)")
+        t_train = time.perf_counter()
+        trained = train_models_in_parallel(settings, data, configs)
+        run["parallel_train_wall_seconds"] = round(time.perf_counter() - t_train, 1)
     for model in MODELS:
         config = configs[model]
-        result = train_model(config, model_fn_for(settings, data, config), data, max_seconds=settings.train_seconds,
-                             desc=f"train {model}", progress=settings.progress)
+        result = trained.get(model) or train_model(
+            config, model_fn_for(settings, data, config), data, max_seconds=settings.train_seconds,
+            desc=f"train {model}", progress=settings.progress)
         if apply_fn is None:   # one apply_fn for both models: the sampler compiles once per (steps, mode)
             apply_fn = make_apply_fn(result.graphdef)
         transport = train_step.make_objective_config(config).transport
@@ -645,6 +756,80 @@ def run_demo(settings: DemoSettings, log: Callable[[str], None] = print) -> dict
     return {"metrics": metrics, "run": run}
 
 
+def aggregate_seeds(per_seed: dict[int, dict], dataset: str) -> dict:
+    """Mean / std / per-seed values of every metric over several runs (``{seed: metrics.json dict}``).
+
+    Returns ``{"seeds": [...], "metrics": {model: {steps: {metric: {"mean", "std", "values"}}}}, "paired": {...}}``
+    where ``paired`` holds, for the primary metric, the per-seed differences that the any-step claims are about
+    (each seed's TiM and flow matching share the data order, init seed and sampling noise, so differences within a
+    seed cancel much of the run-to-run noise): ``tim_minus_fm`` at every step count and ``tim_rise`` = TiM at the
+    most steps minus TiM's best over all step counts.
+    """
+    seeds = sorted(per_seed)
+    name = PRIMARY_METRIC[dataset]
+    first = per_seed[seeds[0]]
+    out: dict[str, Any] = {"seeds": seeds, "metrics": {}, "paired": {"metric": name}}
+
+    def stats(values):
+        v = np.asarray(values, np.float64)
+        return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0,
+                "values": [float(x) for x in v]}
+
+    for model, by_steps in first.items():
+        out["metrics"][model] = {
+            st: {m: stats([per_seed[s][model][st][m] for s in seeds]) for m in metrics}
+            for st, metrics in by_steps.items()}
+    if "tim" in first and "flow_matching" in first:
+        steps = sorted((int(s) for s in first["tim"] if s in first["flow_matching"]))
+        out["paired"]["tim_minus_fm"] = {
+            str(st): stats([per_seed[s]["tim"][str(st)][name] - per_seed[s]["flow_matching"][str(st)][name]
+                            for s in seeds]) for st in steps}
+        out["paired"]["tim_rise"] = stats([
+            per_seed[s]["tim"][str(steps[-1])][name] - min(per_seed[s]["tim"][str(st)][name] for st in steps)
+            for s in seeds])
+    return out
+
+
+def seeds_markdown(agg: dict, dataset: str) -> str:
+    """The over-seeds table: mean +- std (sample std over seeds) per model and step count, then the paired lines."""
+    name = agg["paired"]["metric"]
+    models = list(agg["metrics"])
+    steps = sorted({int(st) for m in models for st in agg["metrics"][m]})
+    head = "| steps | " + " | ".join(f"{m} {name} (mean ± std)" for m in models) + " |"
+    lines = [f"{len(agg['seeds'])} seeds ({', '.join(map(str, agg['seeds']))}), {dataset}:", "", head,
+             "|---:|" + "---:|" * len(models)]
+    for st in steps:
+        cells = []
+        for m in models:
+            v = agg["metrics"][m].get(str(st), {}).get(name)
+            cells.append("" if v is None else f"{v['mean']:.3f} ± {v['std']:.3f}")
+        lines.append(f"| {st} | " + " | ".join(cells) + " |")
+    lines.append("")
+    for st, v in agg["paired"].get("tim_minus_fm", {}).items():
+        lines.append(f"- TiM − flow matching at {st} step(s), per seed: {v['mean']:+.3f} ± {v['std']:.3f} "
+                     f"({', '.join(f'{x:+.3f}' for x in v['values'])})")
+    if "tim_rise" in agg["paired"]:
+        v = agg["paired"]["tim_rise"]
+        lines.append(f"- TiM at the most steps minus TiM's best, per seed: {v['mean']:+.3f} ± {v['std']:.3f} "
+                     f"({', '.join(f'{x:+.3f}' for x in v['values'])})")
+    return "\n".join(lines) + "\n"
+
+
+def run_seeds(settings: DemoSettings, seeds: Sequence[int], log: Callable[[str], None] = print) -> dict:
+    """The demo once per seed into ``<out>/seed_<s>/``, then ``<out>/metrics_over_seeds.{json,md}``."""
+    per_seed = {}
+    for s in seeds:
+        sub = dataclasses.replace(settings, seed=int(s), out=os.path.join(settings.out, f"seed_{s}"))
+        per_seed[int(s)] = run_demo(sub, log=log)["metrics"]
+    agg = aggregate_seeds(per_seed, settings.dataset)
+    write_json(os.path.join(settings.out, "metrics_over_seeds.json"), agg)
+    md = seeds_markdown(agg, settings.dataset)
+    with open(os.path.join(settings.out, "metrics_over_seeds.md"), "w") as f:
+        f.write(md)
+    log("[demo] over seeds:\n" + md)
+    return agg
+
+
 def _loadavg() -> Optional[list[float]]:
     try:
         return [round(v, 2) for v in os.getloadavg()]
@@ -665,6 +850,16 @@ def _parse_steps(text: str) -> tuple[int, ...]:
     if not steps or min(steps) < 1:
         raise argparse.ArgumentTypeError(f"step counts must be integers >= 1; got {text!r}")
     return steps
+
+
+def _parse_seeds(text: str) -> tuple[int, ...]:
+    try:
+        seeds = tuple(int(s) for s in text.replace(" ", "").split(",") if s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 0,1,2; got {text!r}")
+    if not seeds or min(seeds) < 0:
+        raise argparse.ArgumentTypeError(f"seeds must be integers >= 0; got {text!r}")
+    return seeds
 
 
 def _parse_override(text: str) -> tuple[str, Any]:
@@ -696,6 +891,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=_parse_steps, default=(1, 2, 4, 8, 16, 32), help="comma-separated sampling step counts (default: 1,2,4,8,16,32)")
     p.add_argument("--seed", type=int, default=0, help="seed of the parameter init, data order, training noise and sampling noise "
                                                           "(the evaluation is the same for every seed; default: 0)")
+    p.add_argument("--seeds", type=_parse_seeds, default=None, metavar="S1,S2,...",
+                   help="run the whole demo once per seed (into OUT/seed_<s>/) and write OUT/metrics_over_seeds.json "
+                        "and .md: mean and std over seeds, and the per-seed TiM - flow matching differences")
     p.add_argument("--train-steps", type=int, default=None,
                    help="optimizer steps per model (default: %s)" % _defaults("train_steps"))
     p.add_argument("--train-seconds", type=float, default=0.0,
@@ -718,6 +916,9 @@ def build_parser() -> argparse.ArgumentParser:
                    metavar="SECTION.FIELD=VALUE",
                    help="override any field of the run config (configs/base.py), e.g. --set objective.derivative=jvp")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--no-parallel", action="store_true",
+                   help="train the two models one after the other in this process (default: side by side in two "
+                        "processes, each pinned to half of the CPUs, when there are at least 2)")
     return p
 
 
@@ -729,7 +930,8 @@ def settings_from_args(args: argparse.Namespace) -> DemoSettings:
     return DemoSettings(dataset=dataset, out=out, steps=tuple(args.steps), seed=args.seed,
                         train_steps=args.train_steps, train_seconds=args.train_seconds, batch_size=args.batch_size,
                         lr=args.lr, lr_schedule=args.lr_schedule, ema_decay=args.ema_decay, num_samples=args.num_samples, width=args.width,
-                        depth=args.depth, overrides=tuple(args.overrides), progress=not args.no_progress)
+                        depth=args.depth, overrides=tuple(args.overrides), progress=not args.no_progress,
+                        parallel=not args.no_parallel)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -748,7 +950,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)   # bad options / unknown dataset: argparse prints usage and exits with 2
     try:
-        run_demo(settings_from_args(args))
+        settings = settings_from_args(args)
+        if args.seeds is not None:
+            if len(set(args.seeds)) != len(args.seeds):
+                raise DemoError(f"--seeds must not repeat a seed; got {list(args.seeds)}")
+            run_seeds(settings, args.seeds)
+        else:
+            run_demo(settings)
     except DemoError as e:
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
         return 2
