@@ -842,24 +842,23 @@ def _loadavg() -> Optional[list[float]]:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _parse_steps(text: str) -> tuple[int, ...]:
+def _int_list(text: str, *, minimum: int, what: str, example: str) -> tuple[int, ...]:
+    """A comma-separated list of integers >= ``minimum`` (argparse type); ArgumentTypeError naming ``what``."""
     try:
-        steps = tuple(int(s) for s in text.replace(" ", "").split(",") if s)
+        values = tuple(int(s) for s in text.replace(" ", "").split(",") if s)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 1,2,4,8; got {text!r}")
-    if not steps or min(steps) < 1:
-        raise argparse.ArgumentTypeError(f"step counts must be integers >= 1; got {text!r}")
-    return steps
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers like {example}; got {text!r}")
+    if not values or min(values) < minimum:
+        raise argparse.ArgumentTypeError(f"{what} must be integers >= {minimum}; got {text!r}")
+    return values
+
+
+def _parse_steps(text: str) -> tuple[int, ...]:
+    return _int_list(text, minimum=1, what="step counts", example="1,2,4,8")
 
 
 def _parse_seeds(text: str) -> tuple[int, ...]:
-    try:
-        seeds = tuple(int(s) for s in text.replace(" ", "").split(",") if s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 0,1,2; got {text!r}")
-    if not seeds or min(seeds) < 0:
-        raise argparse.ArgumentTypeError(f"seeds must be integers >= 0; got {text!r}")
-    return seeds
+    return _int_list(text, minimum=0, what="seeds", example="0,1,2")
 
 
 def _parse_override(text: str) -> tuple[str, Any]:
