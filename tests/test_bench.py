@@ -118,6 +118,9 @@ def test_s2_preset_and_official_spec():
     assert spec["max_grad_norm"] == 1.0 and spec["ema_decay"] == 0.9999
     assert spec["transport"]["name"] == "OT_FM" and spec["transport"]["params"]["P_mean"] == -0.4
     assert spec["batch_size"] == 16 and spec["attn_type"] == "fused_attn"
+    assert spec["autocast_bf16"] is False               # fp32 model -> fp32 official step
+    cfg.model.dtype = "bfloat16"                        # the official mixed_precision: bf16
+    assert bench.official_spec(cfg, OFFICIAL_REPO)["autocast_bf16"] is True
 
 
 def test_bad_command_lines_exit_2(capsys):
@@ -146,6 +149,7 @@ def test_official_side_by_side_on_debug_config():
     assert t["n_params"] == res["jax"]["n_params"]   # same architecture on both sides
     assert t["step_s"]["n"] == 2 and math.isfinite(t["loss"])
     assert t["peak"]["n"] == 128 and t["peak"]["reps"] == 2 and t["peak"]["flops_per_s"] > 0
+    assert t["autocast_bf16"] is False and field(report, "precision") == "fp32"
     torch_peak_line = [ln for ln in report.splitlines() if "torch fp32 128^3, median of 2" in ln]
     assert len(torch_peak_line) == 1 and torch_peak_line[0].endswith("x XLA's"), report
     assert [r["first"] for r in res["rounds"]] == ["jax", "torch"]

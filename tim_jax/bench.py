@@ -297,6 +297,8 @@ def official_spec(config, official_repo: str, *, attn_type: str = "fused_attn",
     Maps the tim_jax config names onto the official constructor / ``TransitionSchedule`` /
     trainer arguments; only class-conditional (``model.kind='c2i'``) models are supported.
     The official trainer keeps one EMA model: the first of ``ema.decays`` is used.
+    ``model.dtype='bfloat16'`` runs the official loss under ``torch.autocast('cpu', bfloat16)``
+    (what the official ``mixed_precision: bf16`` does), so both sides compute in the same precision.
     ``threads``: torch intra-op threads (0: torch's default, one per core).
     """
     from tim_jax import optim
@@ -333,6 +335,8 @@ def official_spec(config, official_repo: str, *, attn_type: str = "fused_attn",
         "ema_decay": float(decays[0]) if decays else 0.0,
         "batch_size": int(config.data.global_batch_size),
         "attn_type": attn_type,
+        # the official trainer's accelerate mixed_precision='bf16' = torch.autocast(bf16) around the loss
+        "autocast_bf16": str(m.get("dtype", "float32")) == "bfloat16",
         "seed": int(seed),
         "threads": int(threads),
     }
@@ -470,6 +474,7 @@ def run_official_bench(config, *, official_repo: str, torch_python: str, rounds:
         "maxrss_mib": torch_last.get("maxrss_mib"), "loss": torch_last.get("loss"),
         "shims": {k: info[k] for k in ("torchvision_shim", "cuda_rng_shim") if k in info},
         "floor_multiple": tst["median"] / jax_res["flop_floor_s"], "peak": torch_peak,
+        "autocast_bf16": bool(spec["autocast_bf16"]),
     }
     if t_flops is not None:
         torch_res["flops"] = t_flops
@@ -487,6 +492,8 @@ def format_official_report(res: dict) -> str:
              "== official PyTorch step (same session, interleaved) ==",
              f"torch             : {t['version']}, {t['threads']} threads, build "
              f"{t['build_s']:.1f} s, shims {t['shims']}",
+             "precision         : " + ("bf16 autocast (official mixed_precision: bf16)"
+                                       if t.get("autocast_bf16") else "fp32"),
              f"params            : {t['n_params']:,}" + (
                  "" if t["n_params"] == j["n_params"] else
                  f"  (tim_jax: {j['n_params']:,}: DIFFERENT)"),

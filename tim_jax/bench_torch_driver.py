@@ -8,7 +8,9 @@ subprocess of ``python -m tim_jax.bench official``::
 It imports nothing from tim_jax and no JAX. It builds the official network
 (``tim.models.c2i.tim_model.TiM``) and the official ``TransitionSchedule`` loss from an official
 checkout (``spec["official_repo"]``, put on ``sys.path``; nothing is copied), then runs the
-official trainer's step on random data in float32 on the CPU:
+official trainer's step on random data on the CPU, in float32, or under
+``torch.autocast('cpu', bfloat16)`` when ``spec["autocast_bf16"]`` (the official
+``mixed_precision: bf16``):
 
 * label dropout as in the official trainer, REPA targets drawn once as random
   (B, N_tokens, z_dim) features;
@@ -136,6 +138,7 @@ class OfficialStep:
         self.ema_decay = float(spec["ema_decay"])
         self.proj_coeff = float(spec["proj_coeff"])
         self.attn_type = spec.get("attn_type", "fused_attn")
+        self.autocast = bool(spec.get("autocast_bf16", False))
         b = int(spec["batch_size"])
         size, ch, p = mk["input_size"], mk["in_channels"], mk["patch_size"]
         self.num_classes = mk["num_classes"]
@@ -153,14 +156,15 @@ class OfficialStep:
         dropped = torch.where(drop, self.num_classes, label)
         null = torch.ones_like(label) * self.num_classes
         a = self.attn_type
-        weighted, proj, _ = self.loss_fn(
-            self.model, self.ema, self.model, x.shape[0], x, noises,
-            dict(y=dropped, return_zs=True, attn_type=a),
-            use_dir_loss=True, h_target=self.h_target,
-            ema_kwargs=dict(y=label, return_zs=False, attn_type=a),
-            null_kwargs=dict(y=null, return_zs=False, attn_type=a),
-        )
-        loss = weighted + self.proj_coeff * proj
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast):
+            weighted, proj, _ = self.loss_fn(
+                self.model, self.ema, self.model, x.shape[0], x, noises,
+                dict(y=dropped, return_zs=True, attn_type=a),
+                use_dir_loss=True, h_target=self.h_target,
+                ema_kwargs=dict(y=label, return_zs=False, attn_type=a),
+                null_kwargs=dict(y=null, return_zs=False, attn_type=a),
+            )
+            loss = weighted + self.proj_coeff * proj
         loss.backward()
         if self.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
