@@ -352,15 +352,14 @@ def train_model(config, model_fn: Callable, data: Dataset, *, max_seconds: float
                        ema_params=ema)
 
 
-def _train_worker(conn, settings: "DemoSettings", model: str, cpus: Sequence[int]) -> None:
+def _train_worker(conn, settings: "DemoSettings", data: Dataset, config, model: str, cpus: Sequence[int]) -> None:
     """Child process of :func:`train_models_in_parallel`: pinned to ``cpus`` BEFORE jax is imported (XLA sizes its
-    thread pool from the affinity mask), trains ``model`` and sends ``("done", fields)`` (or ``("error", text)``)."""
+    thread pool from the affinity mask), trains ``model`` on the parent's ``data`` with the parent's ``config`` and
+    sends ``("done", fields)`` (or ``("error", text)``)."""
     import traceback
 
     try:
         os.sched_setaffinity(0, cpus)
-        data = load_dataset(settings.dataset, settings.seed)
-        config = make_config(settings, data, model)
         result = train_model(config, model_fn_for(settings, data, config), data, max_seconds=settings.train_seconds,
                              desc=model, progress=False,
                              on_progress=lambda done, loss: conn.send(("progress", (done, loss))))
@@ -398,7 +397,7 @@ def train_models_in_parallel(settings: "DemoSettings", data: Dataset, configs: d
     procs = {}
     for model in MODELS:
         parent_end, child_end = ctx.Pipe(duplex=False)
-        proc = ctx.Process(target=_train_worker, args=(child_end, settings, model, groups[model]), daemon=True,
+        proc = ctx.Process(target=_train_worker, args=(child_end, settings, data, configs[model], model, groups[model]), daemon=True,
                            name=f"tim-demo-train-{model}")
         proc.start()
         child_end.close()

@@ -290,18 +290,18 @@ def _truncate_jsonl(path: str, last_step: int) -> None:
         os.replace(tmp, path)
 
 
-def _sample_inputs(config):
+def _sample_inputs(config, null_cond):
     """(cond, null_cond) for the sample hook, or None when it cannot sample (t2i: too few captions in a batch)."""
     n = int(config.sample.num_images)
     if config.model.kind == "c2i":
         k = int(config.model.num_classes)
-        return np.arange(n, dtype=np.int32) % k, tstep.null_cond(config)
+        return np.arange(n, dtype=np.int32) % k, null_cond
     it = data.make_train_iterator(config, process_index=0, process_count=1)
     cond = next(it)["cond"]
     if len(cond) < n:
         log.warning("sample hook off: a batch has fewer than sample.num_images=%d captions", n)
         return None
-    return cond[:n], tstep.null_cond(config, data.load_null_caption(config))
+    return cond[:n], null_cond
 
 
 # ----------------------------------------------------------------------------------------------
@@ -319,6 +319,7 @@ class _Plan:
     train_step: Callable
     host_iter: Any
     resume_step: Optional[int]
+    null_cond: Any         # the null condition of label/caption dropout and CFG (tstep.null_cond)
 
 
 def prepare(config, workdir: str, model_fn: Optional[Callable] = None) -> _Plan:
@@ -333,9 +334,9 @@ def prepare(config, workdir: str, model_fn: Optional[Callable] = None) -> _Plan:
                                   int(config.optim.grad_accum_steps))
         tx, _ = optim.make_optimizer(config)
         abstract, shardings, graphdef = ts.abstract_train_state(config, mesh, model_fn=model_fn, tx=tx)
-        null = data.load_null_caption(config)   # t2i: the encoded empty prompt; None for c2i
-        step_fn = tstep.make_train_step(config, graphdef, mesh, shardings, tx=tx,
-                                        null=None if null is None else tstep.null_cond(config, null))
+        # c2i: the extra label; t2i: the encoded empty prompt (data.null_caption)
+        null_cond = tstep.null_cond(config, data.load_null_caption(config))
+        step_fn = tstep.make_train_step(config, graphdef, mesh, shardings, tx=tx, null=null_cond)
         host_iter = data.make_train_iterator(config)
         resume_step = checkpointing.latest_step(workdir)
         if resume_step is not None and not config.ckpt.resume:
@@ -348,14 +349,14 @@ def prepare(config, workdir: str, model_fn: Optional[Callable] = None) -> _Plan:
         raise
     except ValueError as e:  # the builders' own config checks
         raise UsageError(str(e)) from None
-    return _Plan(config, workdir, mesh, tx, abstract, graphdef, step_fn, host_iter, resume_step)
+    return _Plan(config, workdir, mesh, tx, abstract, graphdef, step_fn, host_iter, resume_step, null_cond)
 
 
 def _make_sample_hook(plan: _Plan, writer) -> Optional[metrics.SampleHook]:
     config = plan.config
     if int(config.sample.every_steps) <= 0 or not len(config.ema.decays):
         return None
-    inputs = _sample_inputs(config)
+    inputs = _sample_inputs(config, plan.null_cond)
     if inputs is None:
         return None
     from tim_jax.models.functional import make_apply_fn
