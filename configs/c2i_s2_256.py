@@ -11,7 +11,8 @@ It is the model of the CPU speed comparison (``tim_jax.bench``; /work/shared/not
 
 The training recipe is the official one of ``tim_b_p4.yaml`` (OT-FM with P_mean -0.4, DDE,
 sqrt/tangent interval weights, AdamW 1e-4 at batch 256 with betas (0.9, 0.95), wd 0.01,
-eps 1e-6, clipping 1.0, EMA 0.9999), all of which are the base defaults.
+eps 1e-6, clipping 1.0, EMA 0.9999, bf16 mixed precision), all base defaults except the
+bf16 compute dtype set here.
 """
 import ml_collections
 
@@ -35,6 +36,7 @@ def get_config() -> ml_collections.ConfigDict:
     m.projector_dim = 2048
     m.z_dim = 768
     m.num_classes = 1000
+    m.dtype = "bfloat16"  # official mixed_precision: bf16 (--config.model.dtype=float32 for fp32)
 
     config.data.global_batch_size = 256
     config.train.num_steps = 400_000

@@ -57,6 +57,9 @@ def check_train_result(res, report, batch_size):
                         rel_tol=1e-9)
     assert math.isclose(res["floor_multiple"], st["median"] / res["flop_floor_s"], rel_tol=1e-9)
     assert math.isclose(res["peak_fraction"], 1.0 / res["floor_multiple"], rel_tol=1e-9)
+    assert res["peak"]["dtype"] == res["compute_dtype"]
+    assert (res["peak_fp32"] is None) == (res["compute_dtype"] == "float32")
+    assert ("fp32 matmul peak" in report) == (res["peak_fp32"] is not None)
     mem = res["memory"]
     assert mem["peak"] > 0 and mem["argument"] > 0
     assert math.isfinite(res["loss"])
@@ -71,6 +74,15 @@ def check_train_result(res, report, batch_size):
     assert f"{res['floor_multiple']:.2f}x floor" in field(report, "FLOP floor")
     assert first_float(field(report, "lower / compile")) > 0
     assert field(report, "memory (compiled)").startswith("peak ")
+
+
+def test_train_cli_bf16_floor_uses_the_bf16_peak():
+    """A bf16 config: the floor is taken at the bf16 x bf16 -> fp32 matmul peak (the networks'
+    matmul), and the fp32 peak is reported beside it."""
+    report, res = run_cli("train", *FAST, "--steps", "1", "--config.model.dtype=bfloat16")
+    check_train_result(res, report, debug_cpu.get_config().data.global_batch_size)
+    assert res["compute_dtype"] == "bfloat16" and res["peak_fp32"]["dtype"] == "float32"
+    assert "(bfloat16 x bfloat16 -> fp32 128^3" in field(report, "matmul peak")
 
 
 def test_train_cli_on_debug_config():
@@ -118,9 +130,9 @@ def test_s2_preset_and_official_spec():
     assert spec["max_grad_norm"] == 1.0 and spec["ema_decay"] == 0.9999
     assert spec["transport"]["name"] == "OT_FM" and spec["transport"]["params"]["P_mean"] == -0.4
     assert spec["batch_size"] == 16 and spec["attn_type"] == "fused_attn"
-    assert spec["autocast_bf16"] is False               # fp32 model -> fp32 official step
-    cfg.model.dtype = "bfloat16"                        # the official mixed_precision: bf16
-    assert bench.official_spec(cfg, OFFICIAL_REPO)["autocast_bf16"] is True
+    assert spec["autocast_bf16"] is True                # the official mixed_precision: bf16
+    cfg.model.dtype = "float32"                         # fp32 model -> fp32 official step
+    assert bench.official_spec(cfg, OFFICIAL_REPO)["autocast_bf16"] is False
 
 
 def test_bad_command_lines_exit_2(capsys):
@@ -151,7 +163,7 @@ def test_official_side_by_side_on_debug_config():
     assert t["peak"]["n"] == 128 and t["peak"]["reps"] == 2 and t["peak"]["flops_per_s"] > 0
     assert t["autocast_bf16"] is False and field(report, "precision") == "fp32"
     torch_peak_line = [ln for ln in report.splitlines() if "torch fp32 128^3, median of 2" in ln]
-    assert len(torch_peak_line) == 1 and torch_peak_line[0].endswith("x XLA's"), report
+    assert len(torch_peak_line) == 1 and torch_peak_line[0].endswith("x XLA's fp32"), report
     assert [r["first"] for r in res["rounds"]] == ["jax", "torch"]
     ratios = sorted(r["torch_median"] / r["jax_median"] for r in res["rounds"])
     assert math.isclose(res["speedup"], (ratios[0] + ratios[1]) / 2, rel_tol=1e-9)

@@ -28,6 +28,7 @@ from tim_jax.models import (
     stack_block_params,
     unstack_block_params,
 )
+from tim_jax.autodiff import forward_mode
 from tim_jax.models import attention as A
 from tim_jax.models import layers as L
 from tim_jax.models.functional import init_params, split_model
@@ -527,7 +528,8 @@ def test_jvp_through_model_matches_finite_difference(tiny):
 
     @jax.jit
     def both():
-        tangent = jax.jvp(f, (x, t, r), (v, jnp.ones_like(t), jnp.zeros_like(r)))[1]
+        with forward_mode():
+            tangent = jax.jvp(f, (x, t, r), (v, jnp.ones_like(t), jnp.zeros_like(r)))[1]
         fd = (f(x + eps * v, t + eps, r) - f(x - eps * v, t - eps, r)) / (2 * eps)
         return tangent, fd
 
@@ -601,8 +603,9 @@ def test_attention_impls_agree_with_numpy():
     def run(q, k, v):
         outs = {impl: A.attention(q, k, v, impl=impl) for impl in ("xla", "xla_softmax", "dot_product")}
         bf = A.attention(q.astype(jnp.bfloat16), k.astype(jnp.bfloat16), v.astype(jnp.bfloat16))
-        jvps = [jax.jvp(lambda a, i=i: A.attention(a, k, v, impl=i), (q,), (tq,))[1]
-                for i in ("xla", "xla_softmax")]
+        with forward_mode():
+            jvps = [jax.jvp(lambda a, i=i: A.attention(a, k, v, impl=i), (q,), (tq,))[1]
+                    for i in ("xla", "xla_softmax")]
         return outs, bf, jvps
 
     outs, bf, (j1, j2) = run(q, k, v)

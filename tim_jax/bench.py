@@ -16,9 +16,11 @@ dropout, clipping, AdamW, every EMA), times ``--steps`` steps on one fixed synth
 * FLOPs per step from XLA's cost analysis of the compiled step (every op, elementwise included;
   an SPMD program's per-device count times the device count, so replicated work counts once
   per device);
-* the machine's fp32 matmul peak, measured in the same run (median of ``--peak-reps`` jitted
-  ``--peak-n``-cubed matmuls), the achieved FLOP/s and its share of that peak, the FLOP floor
-  (FLOPs / peak) and the step time as a multiple of it;
+* the machine's matmul peak in the config's compute dtype (``model.dtype``: fp32, or
+  bf16 x bf16 -> fp32 as the networks run it), measured in the same run (median of
+  ``--peak-reps`` jitted ``--peak-n``-cubed matmuls), the achieved FLOP/s and its share of that
+  peak, the FLOP floor (FLOPs / peak) and the step time as a multiple of it; for a bf16 config
+  also the fp32 peak and the floor at it;
 * the compiled program's memory analysis (arguments, outputs, temporaries, peak), the process'
   max RSS and the minor page faults per step (~0 when the allocator setting is active).
 
@@ -111,16 +113,18 @@ def step_stats(times: Sequence[float]) -> dict:
 
 
 def matmul_peak(n: int = 2048, reps: int = 7, dtype=jnp.float32) -> dict:
-    """The machine's matmul throughput: median FLOP/s of ``reps`` jitted (n, n) @ (n, n) calls.
+    """The machine's matmul throughput: median FLOP/s of ``reps`` jitted (n, n) @ (n, n) calls
+    with operands in ``dtype`` and float32 accumulation/output (the networks' matmul, see
+    :mod:`tim_jax.models.matmul`).
 
-    Returns ``{"flops_per_s", "min_s", "median_s", "n", "reps"}``; FLOPs per call = 2 n^3. One
-    untimed call compiles and warms up first.
+    Returns ``{"flops_per_s", "min_s", "median_s", "n", "reps", "dtype"}``; FLOPs per call =
+    2 n^3. One untimed call compiles and warms up first.
     """
     if n < 1 or reps < 1:
         raise ValueError(f"peak matmul needs n >= 1 and reps >= 1, got n={n}, reps={reps}")
     a = jax.random.normal(jax.random.PRNGKey(0), (n, n), dtype)
     b = jax.random.normal(jax.random.PRNGKey(1), (n, n), dtype)
-    mm = jax.jit(jnp.matmul)
+    mm = jax.jit(lambda a, b: jnp.matmul(a, b, preferred_element_type=jnp.float32))
     mm(a, b).block_until_ready()
     times = []
     for _ in range(reps):
@@ -129,7 +133,16 @@ def matmul_peak(n: int = 2048, reps: int = 7, dtype=jnp.float32) -> dict:
         times.append(time.perf_counter() - t0)
     med = statistics.median(times)
     return {"flops_per_s": 2.0 * n ** 3 / med, "median_s": med, "min_s": min(times), "n": n,
-            "reps": reps}
+            "reps": reps, "dtype": jnp.dtype(dtype).name}
+
+
+def compute_peaks(config, n: int = 2048, reps: int = 7) -> tuple[dict, Optional[dict]]:
+    """``(peak, peak_fp32)``: the matmul peak in the config's compute dtype (``model.dtype``),
+    which the FLOP floor uses, and the float32 peak when the compute dtype differs (else None).
+    """
+    dtype = jnp.dtype(_cfg_get(config.model, "dtype", "float32"))
+    peak = matmul_peak(n, reps, dtype)
+    return peak, (None if dtype == jnp.float32 else matmul_peak(n, reps, jnp.float32))
 
 
 def compiled_costs(compiled, num_devices: int = 1) -> dict:
@@ -224,17 +237,18 @@ def run_train_bench(config, *, steps: int = 5, warmup: int = 2, peak_n: int = 20
     if steps < 1 or warmup < 0:
         raise ValueError(f"--steps must be >= 1 and --warmup >= 0, got {steps}, {warmup}")
     load0 = _loadavg()
-    peak = matmul_peak(peak_n, peak_reps)
+    peaks = compute_peaks(config, peak_n, peak_reps)
     bench = build_jax_bench(config)
     bench.run(warmup)
     f0 = _minflt()
     times = bench.run(steps)
     minflt = (_minflt() - f0) / steps
-    return _train_result(config, bench, times, peak, minflt, load0)
+    return _train_result(config, bench, times, peaks, minflt, load0)
 
 
-def _train_result(config, bench: JaxStepBench, times, peak, minflt, load0) -> dict:
+def _train_result(config, bench: JaxStepBench, times, peaks, minflt, load0) -> dict:
     st = step_stats(times)
+    peak, peak_fp32 = peaks
     b = int(config.data.global_batch_size)
     mem = {k[:-6]: v for k, v in bench.costs.items() if k.endswith("_bytes")}
     return {
@@ -242,7 +256,8 @@ def _train_result(config, bench: JaxStepBench, times, peak, minflt, load0) -> di
         "backend": jax.default_backend(), "cpu": _cpu_info(), "jax": jax.__version__,
         "lower_s": bench.lower_s, "compile_s": bench.compile_s,
         "step_s": st, "images_per_s": b / st["median"], "flops": bench.costs["flops"],
-        "peak": peak, **_floor_fields(bench.costs["flops"], peak["flops_per_s"], st["median"]),
+        "compute_dtype": peak["dtype"], "peak": peak, "peak_fp32": peak_fp32,
+        **_floor_fields(bench.costs["flops"], peak["flops_per_s"], st["median"]),
         "memory": mem, "maxrss_mib": _maxrss_mib(), "minflt_per_step": minflt,
         "allocator": os.environ.get("GLIBC_TUNABLES"), "loss": bench.last_loss,
         "loadavg_start": load0, "loadavg_end": _loadavg(),
@@ -251,6 +266,11 @@ def _train_result(config, bench: JaxStepBench, times, peak, minflt, load0) -> di
 
 def _gib(n: Optional[float]) -> str:
     return "n/a" if n is None else f"{n / 2 ** 30:.2f} GiB"
+
+
+def _peak_kind(pk: dict) -> str:
+    dt = pk.get("dtype", "float32")
+    return "fp32" if dt == "float32" else f"{dt} x {dt} -> fp32"
 
 
 def format_train_report(res: dict, title: str = "tim_jax train step") -> str:
@@ -266,8 +286,11 @@ def format_train_report(res: dict, title: str = "tim_jax train step") -> str:
         f"{st['max']:.4f}, spread {100 * st['spread']:.1f} %, n={st['n']})",
         f"images/s          : {res['images_per_s']:.3f}",
         f"FLOPs/step        : {res['flops'] / 1e9:.2f} GFLOP (XLA cost analysis)",
-        f"matmul peak       : {pk['flops_per_s'] / 1e9:.2f} GFLOP/s (fp32 {pk['n']}^3, median "
-        f"of {pk['reps']})",
+        f"matmul peak       : {pk['flops_per_s'] / 1e9:.2f} GFLOP/s ({_peak_kind(pk)} "
+        f"{pk['n']}^3, median of {pk['reps']}; the compute dtype, used for the floor)",
+        *([f"fp32 matmul peak  : {res['peak_fp32']['flops_per_s'] / 1e9:.2f} GFLOP/s (floor "
+           f"at fp32 peak: {res['flops'] / res['peak_fp32']['flops_per_s']:.4f} s)"]
+          if res.get("peak_fp32") else []),
         f"achieved          : {res['achieved_flops_per_s'] / 1e9:.2f} GFLOP/s = "
         f"{100 * res['peak_fraction']:.1f} % of peak",
         f"FLOP floor        : {res['flop_floor_s']:.4f} s; step = {res['floor_multiple']:.2f}x "
@@ -440,7 +463,7 @@ def run_official_bench(config, *, official_repo: str, torch_python: str, rounds:
     load0 = _loadavg()
     spec = official_spec(config, official_repo, seed=int(config.seed), threads=torch_threads)
     with TorchOfficialStep(torch_python, spec) as torch_step:
-        peak = matmul_peak(peak_n, peak_reps)
+        peaks = compute_peaks(config, peak_n, peak_reps)
         torch_peak = torch_step.matmul_peak(peak_n, peak_reps)
         bench = build_jax_bench(config)
         bench.run(warmup)
@@ -464,7 +487,7 @@ def run_official_bench(config, *, official_repo: str, torch_python: str, rounds:
             jax_times += got["jax"]
             torch_times += got["torch"]
         info = torch_step.info
-    jax_res = _train_result(config, bench, jax_times, peak, minflt / len(jax_times), load0)
+    jax_res = _train_result(config, bench, jax_times, peaks, minflt / len(jax_times), load0)
     b = int(config.data.global_batch_size)
     tst = step_stats(torch_times)
     torch_res = {
@@ -504,7 +527,8 @@ def format_official_report(res: dict) -> str:
              f"step vs JAX floor : {t['floor_multiple']:.2f}x the tim_jax FLOP floor",
              f"matmul peak       : {t['peak']['flops_per_s'] / 1e9:.2f} GFLOP/s (torch fp32 "
              f"{t['peak']['n']}^3, median of {t['peak']['reps']}) = "
-             f"{t['peak']['flops_per_s'] / j['peak']['flops_per_s']:.2f}x XLA's"]
+             f"{t['peak']['flops_per_s'] / (j['peak_fp32'] or j['peak'])['flops_per_s']:.2f}x "
+             "XLA's fp32"]
     if "flops" in t:
         lines.append(f"FLOPs/step        : {t['flops'] / 1e9:.2f} GFLOP (torch FlopCounter: "
                      "matmuls + attention only)")

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from tim_jax import time_weighting
+from tim_jax.autodiff import forward_mode
 from tim_jax.transports import Transport, expand_like, make_transport
 
 Array = jax.Array
@@ -212,7 +213,8 @@ def total_derivative(apply_fn: ApplyFn, params, x: Array, noise: Array, t: Array
     elif method == "jvp":
         x_t, v_t = interpolate(transport, x, noise, t)
         fn = lambda xt, tt, rr: _call(apply_fn, params, xt, tt, rr, cond, transport, dtype)
-        _, dF = jax.jvp(fn, (x_t, t, r), (v_t, jnp.ones_like(t), jnp.zeros_like(r)))
+        with forward_mode():  # the network's custom-VJP ops become plain autodiff
+            _, dF = jax.jvp(fn, (x_t, t, r), (v_t, jnp.ones_like(t), jnp.zeros_like(r)))
     else:
         raise ValueError(f"method must be one of {DERIVATIVES}, got {method!r}")
     return jax.lax.stop_gradient(dF)

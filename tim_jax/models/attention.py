@@ -11,8 +11,9 @@ are float32; ``o`` has q's dtype.
 Implementations (``impl``):
 
 * ``"xla"``: heads-first einsums, float32 logits and softmax, normalisation AFTER the PV product
-  (``o = (exp(s - max) @ v) / rowsum``). Plain jnp ops, so ``jax.grad`` and ``jax.jvp`` (the TiM
-  ``jvp`` derivative) both work. The default.
+  (``o = (exp(s - max) @ v) / rowsum``). The two products are :func:`tim_jax.models.matmul.matmul`
+  (gradient matmuls in the compute dtype); ``jax.grad`` works as usual and ``jax.jvp`` (the TiM
+  ``jvp`` derivative) inside :func:`tim_jax.autodiff.forward_mode`. The default.
 * ``"xla_softmax"``: the same einsums with ``jax.nn.softmax`` before PV (the textbook order).
 * ``"dot_product"``: ``jax.nn.dot_product_attention`` (implementation chosen by JAX; on GPU it
   may pick cuDNN, which has no forward-mode AD).
@@ -46,6 +47,8 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+
+from tim_jax.models.matmul import matmul
 
 Array = jax.Array
 AttentionFn = Callable[..., Array]  # fn(q, k, v, *, scale: float) -> o
@@ -103,7 +106,7 @@ def attention(q: Array, k: Array, v: Array, *, impl: str = "xla", scale: float |
 
 
 def _logits(q: Array, k: Array, scale: float) -> Array:
-    return jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+    return matmul("bhqd,bhkd->bhqk", q, k, dtype=q.dtype) * scale
 
 
 @register_attention("xla", supports_jvp=True,
@@ -112,7 +115,7 @@ def _xla_attention(q, k, v, *, scale):
     s = _logits(q, k, scale)
     e = jnp.exp(s - jax.lax.stop_gradient(jnp.max(s, axis=-1, keepdims=True)))
     denom = jnp.sum(e, axis=-1, keepdims=True)                      # (B, H, Lq, 1) fp32
-    o = jnp.einsum("bhqk,bhkd->bhqd", e.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    o = matmul("bhqk,bhkd->bhqd", e, v, dtype=v.dtype)
     return (o / denom).astype(q.dtype)
 
 
@@ -120,7 +123,7 @@ def _xla_attention(q, k, v, *, scale):
                     description="heads-first einsums, jax.nn.softmax (fp32) before PV")
 def _xla_softmax_attention(q, k, v, *, scale):
     p = jax.nn.softmax(_logits(q, k, scale), axis=-1)
-    o = jnp.einsum("bhqk,bhkd->bhqd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    o = matmul("bhqk,bhkd->bhqd", p, v, dtype=v.dtype)
     return o.astype(q.dtype)
 
 

@@ -31,6 +31,8 @@ import numpy as np
 from flax import nnx
 
 from tim_jax.models.attention import attention
+from tim_jax.autodiff import in_forward_mode
+from tim_jax.models.matmul import matmul
 
 Array = jax.Array
 Axes = tuple  # logical axis names of one parameter, one entry (str or None) per dim
@@ -146,7 +148,8 @@ class Dense(nnx.Module):
     """y = x @ kernel + bias over the last axis.
 
     kernel (in, out), bias (out,), both float32. The matmul runs in ``dtype`` with float32
-    accumulation; the result is returned in ``dtype``.
+    accumulation (:func:`tim_jax.models.matmul.matmul`, so its gradients also run in ``dtype``);
+    the result is returned in ``dtype``.
     """
 
     def __init__(
@@ -172,16 +175,10 @@ class Dense(nnx.Module):
         )
 
     def __call__(self, x: Array) -> Array:
-        y = jax.lax.dot_general(
-            x.astype(self.dtype),
-            self.kernel[...].astype(self.dtype),
-            (((x.ndim - 1,), (0,)), ((), ())),
-            precision=self.precision,
-            preferred_element_type=jnp.float32,
-        )
-        if self.bias is not None:
-            y = y + self.bias[...]
-        return y.astype(self.dtype)
+        y = matmul("mi,io->mo", x.reshape(-1, x.shape[-1]), self.kernel[...], dtype=self.dtype,
+                   precision=self.precision, out_dtype=self.dtype,
+                   bias=None if self.bias is None else self.bias[...])
+        return y.reshape(*x.shape[:-1], self.out_features)
 
 
 def layer_norm(x: Array, eps: float, scale: Array | None = None, bias: Array | None = None) -> Array:
@@ -267,9 +264,46 @@ class SwiGLU(nnx.Module):
         )
 
     def __call__(self, x: Array) -> Array:
-        h = self.fc1(x)
-        gate, value = h[..., : self.hidden_features], h[..., self.hidden_features:]
-        return self.fc2(jax.nn.silu(gate) * value)
+        return self.fc2(silu_glu(self.fc1(x)))
+
+
+def silu_glu(h: Array) -> Array:
+    """``silu(gate) * value`` for ``h = [gate | value]`` (..., 2H) -> (..., H), computed in
+    float32 and rounded once to ``h.dtype``.
+
+    Its backward (a ``custom_vjp``) is one elementwise pass that writes the (..., 2H) gradient
+    as a concatenation, in ``h.dtype``. Plain autodiff of the two slices builds it from two
+    zero-padded halves and, for bfloat16, rounds after every op. Inside
+    :func:`tim_jax.autodiff.forward_mode` (``jax.jvp``) it is plain autodiff."""
+    if in_forward_mode():
+        return _silu_glu(h)
+    return _silu_glu_vjp(h)
+
+
+def _silu_glu(h: Array) -> Array:
+    gate, value = jnp.split(h.astype(jnp.float32), 2, axis=-1)
+    return (jax.nn.silu(gate) * value).astype(h.dtype)
+
+
+@jax.custom_vjp
+def _silu_glu_vjp(h: Array) -> Array:
+    return _silu_glu(h)
+
+
+def _silu_glu_fwd(h):
+    return _silu_glu(h), h
+
+
+def _silu_glu_bwd(h, g):
+    gate, value = jnp.split(h.astype(jnp.float32), 2, axis=-1)
+    g = g.astype(jnp.float32)
+    sig = jax.nn.sigmoid(gate)
+    silu = gate * sig
+    dgate = g * value * sig * (1.0 + gate * (1.0 - sig))
+    return (jnp.concatenate([dgate, g * silu], axis=-1).astype(h.dtype),)
+
+
+_silu_glu_vjp.defvjp(_silu_glu_fwd, _silu_glu_bwd)
 
 
 # -------------------------------------------------------------------------------------------
@@ -337,11 +371,8 @@ class PatchConv(nnx.Module):
         x = x.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
         x = x.reshape(b, (h // p) * (w // p), p * p * c)
         kernel = self.kernel[...].reshape(p * p * c, -1)
-        y = jax.lax.dot_general(
-            x.astype(self.dtype), kernel.astype(self.dtype), (((2,), (0,)), ((), ())),
-            precision=self.precision, preferred_element_type=jnp.float32,
-        )
-        return (y + self.bias[...]).astype(self.dtype)
+        return matmul("bni,io->bno", x, kernel, dtype=self.dtype, precision=self.precision,
+                      bias=self.bias[...], out_dtype=self.dtype)
 
 
 class PatchEmbed(nnx.Module):

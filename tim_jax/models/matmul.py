@@ -1,0 +1,147 @@
+"""THE matmul of the TiM networks: ``matmul(spec, a, b, dtype=..., bias=..., out_dtype=...)``,
+a two-operand einsum with both operands cast to the compute ``dtype``, float32 accumulation, an
+optional bias added in float32 and one rounding to ``out_dtype``. Every Dense layer, the patch
+embedding and the attention products go through it.
+
+It carries a ``jax.custom_vjp`` because plain autodiff gets mixed precision and CPU layouts
+wrong in the backward pass (measured with jax 0.10.2 on this project's 2-core Xeon with
+AVX512-BF16/AMX; figures are GFLOP/s at the TiM shapes):
+
+* The cotangent of a ``dot(bf16, bf16) -> f32`` is float32, so autodiff's gradient matmuls are
+  ``dot(f32, bf16)``, which XLA runs in float32 (~240) instead of bf16 x bf16 -> f32 (~1100).
+  Here the backward casts the cotangent to ``dtype`` first, as torch autocast does, and returns
+  each gradient in its operand's dtype: a float32 weight cast inside gets an un-rounded float32
+  gradient. With ``out_dtype=dtype`` the layer's cotangent arrives in ``dtype`` and no float32
+  copy of it is materialised; the bias gradient is summed in float32.
+* A contraction over an index that is not the first operand's minor one (the weight gradient
+  ``x^T g``, the attention's ``P^T dO`` and ``dS^T q``) is sent by XLA:CPU to an upcast or
+  Eigen kernel (bf16: 160-240; attention 4-D: ~50). Splitting that index into (2, n/2) reaches
+  the fast dot (bf16: ~600; attention: ~240). The result equals the unsplit sum up to float32
+  summation order.
+
+Measured on TiM-S/2 (batch 16, gradient of F and the REPA projection): bf16 5.5 s -> 3.0 s per
+value_and_grad, fp32 6.0 s -> 5.4 s. Whole B/4 train step, bf16: 3.78 s -> 2.32 s.
+
+Forward-mode AD (``jax.jvp``, used by the TiM ``jvp`` derivative) cannot pass through a
+``custom_vjp``: inside :func:`tim_jax.autodiff.forward_mode` the op is the plain einsum.
+
+Specs are explicit two-operand einsums (``"A,B->C"``, no ellipsis) in which every index of an
+operand appears in the other operand or in the output, so the reversed specs are valid:
+``dA = einsum("C,B->A", g, b)`` and ``dB = einsum("A,C->B", a, g)``.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from tim_jax.autodiff import in_forward_mode
+
+Array = jax.Array
+
+
+def _parse(spec: str) -> tuple[str, str, str]:
+    if spec.count("->") != 1 or spec.split("->")[0].count(",") != 1 or "." in spec:
+        raise ValueError(f"matmul spec {spec!r} must be explicit 'A,B->C' (two operands, no ...)")
+    ins, out = spec.replace(" ", "").split("->")
+    a, b = ins.split(",")
+    if any(len(set(idx)) != len(idx) for idx in (a, b, out)):
+        raise ValueError(f"matmul spec {spec!r}: an index repeats within one operand or output")
+    for name, idx, other in (("first", a, b), ("second", b, a)):
+        missing = set(idx) - set(out) - set(other)
+        if missing:
+            raise ValueError(f"matmul spec {spec!r}: indices {sorted(missing)} of the {name} "
+                             "operand are summed within it (not a matmul-type contraction)")
+    return a, b, out
+
+
+def _einsum(spec, a, b, dtype, precision):
+    return jnp.einsum(spec, a.astype(dtype), b.astype(dtype), precision=precision,
+                      preferred_element_type=jnp.float32)
+
+
+def _grad_einsum(spec, a, b, dtype, precision):
+    """``_einsum`` for the gradient matmuls, with one layout trick: a contraction over an index
+    that is NOT the minor (last) index of the first operand (the weight gradient ``x^T g``, the
+    attention's ``P^T dO`` and ``dS^T q``) is split into (2, n/2). XLA:CPU sends the unsplit
+    form to a float32 (upcast) or Eigen kernel; the split form reaches its fast bf16/f32 dot
+    (measured 3-5x faster for bf16, see the module docstring). The sum is the same up to
+    float32 summation order."""
+    ins, out = spec.split("->")
+    sa, sb = ins.split(",")
+    contracted = [c for c in sa if c in sb and c not in out]
+    if len(contracted) == 1 and sa[-1] != contracted[0]:
+        c = contracted[0]
+        n = a.shape[sa.index(c)]
+        if n % 2 == 0 and n >= 4:
+            new = next(ch for ch in "zyxwvutsrqponmlkjihgfedcba" if ch not in spec)
+            a = a.reshape(_split_shape(a.shape, sa.index(c), n))
+            b = b.reshape(_split_shape(b.shape, sb.index(c), n))
+            spec = f"{sa.replace(c, new + c)},{sb.replace(c, new + c)}->{out}"
+    return _einsum(spec, a, b, dtype, precision)
+
+
+def _split_shape(shape, axis, n):
+    return (*shape[:axis], 2, n // 2, *shape[axis + 1:])
+
+
+def _forward(spec, a, b, bias, dtype, precision, out_dtype):
+    y = _einsum(spec, a, b, dtype, precision)
+    if bias is not None:
+        y = y + bias.astype(jnp.float32)
+    return y.astype(out_dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 4, 5, 6, 7))
+def _mm(spec, a, b, bias, dtype, precision, out_dtype, in_dtypes):
+    del in_dtypes  # static (a, b, bias) dtypes, for the backward's casts
+    return _forward(spec, a, b, bias, dtype, precision, out_dtype)
+
+
+def _mm_fwd(spec, a, b, bias, dtype, precision, out_dtype, in_dtypes):
+    del in_dtypes
+    # The residuals are the operands in the compute dtype: what the backward multiplies with.
+    y = _forward(spec, a, b, bias, dtype, precision, out_dtype)
+    return y, (a.astype(dtype), b.astype(dtype))
+
+
+def _mm_bwd(spec, dtype, precision, out_dtype, in_dtypes, res, g):
+    del out_dtype
+    a, b = res
+    a_dtype, b_dtype, bias_dtype = in_dtypes
+    sa, sb, out = _parse(spec)
+    dbias = None
+    if bias_dtype is not None:
+        dbias = g.astype(jnp.float32).sum(axis=tuple(range(g.ndim - 1))).astype(bias_dtype)
+    g = g.astype(dtype)
+    da = _grad_einsum(f"{out},{sb}->{sa}", g, b, dtype, precision).astype(a_dtype)
+    db = _grad_einsum(f"{sa},{out}->{sb}", a, g, dtype, precision).astype(b_dtype)
+    return da, db, dbias
+
+
+_mm.defvjp(_mm_fwd, _mm_bwd)
+
+
+def matmul(spec: str, a: Array, b: Array, *, dtype=jnp.float32, precision=None,
+           bias: Array | None = None, out_dtype=jnp.float32) -> Array:
+    """``(einsum(spec, a, b) + bias).astype(out_dtype)``: both operands cast to ``dtype``,
+    float32 accumulation, the bias (over the output's last index) added in float32 before the
+    single rounding to ``out_dtype``. The gradients are ``dtype x dtype -> float32`` matmuls too
+    (see the module docstring); inside :func:`forward_mode` it is plain autodiff."""
+    spec = spec.replace(" ", "")
+    sa, sb, out = _parse(spec)
+    if len(sa) != a.ndim or len(sb) != b.ndim:
+        raise ValueError(f"matmul spec {spec!r} does not fit operands of shapes {a.shape}, "
+                         f"{b.shape}")
+    if bias is not None:
+        sizes = {**dict(zip(sa, a.shape)), **dict(zip(sb, b.shape))}
+        if tuple(bias.shape) != (sizes[out[-1]],):
+            raise ValueError(f"matmul bias of shape {bias.shape} must be ({sizes[out[-1]]},): "
+                             f"one value per entry of the output's last index {out[-1]!r}")
+    dtype, out_dtype = jnp.dtype(dtype), jnp.dtype(out_dtype)
+    if in_forward_mode():
+        return _forward(spec, a, b, bias, dtype, precision, out_dtype)
+    in_dtypes = (jnp.dtype(a.dtype), jnp.dtype(b.dtype),
+                 None if bias is None else jnp.dtype(bias.dtype))
+    return _mm(spec, a, b, bias, dtype, precision, out_dtype, in_dtypes)
