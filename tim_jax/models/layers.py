@@ -30,8 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from tim_jax.models.attention import attention
 from tim_jax.autodiff import in_forward_mode
+from tim_jax.models.attention import attention
 from tim_jax.models.matmul import matmul
 
 Array = jax.Array
