@@ -43,12 +43,14 @@ slowest). ``xla`` has the fastest forward and jvp, so it is the default.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 
-from tim_jax.models.matmul import matmul
+from tim_jax.autodiff import in_forward_mode
+from tim_jax.models.matmul import einsum_f32, grad_einsum_f32, matmul
 
 Array = jax.Array
 AttentionFn = Callable[..., Array]  # fn(q, k, v, *, scale: float) -> o
@@ -110,13 +112,67 @@ def _logits(q: Array, k: Array, scale: float) -> Array:
 
 
 @register_attention("xla", supports_jvp=True,
-                    description="heads-first einsums, fp32 softmax normalised after PV (default)")
+                    description="heads-first einsums, fp32 softmax normalised after PV, fused "
+                                "backward (default)")
 def _xla_attention(q, k, v, *, scale):
+    if in_forward_mode():
+        return _plain_attention(q, k, v, scale)
+    return _fused_attention(q, k, v, scale)
+
+
+def _plain_attention(q, k, v, scale):
     s = _logits(q, k, scale)
     e = jnp.exp(s - jax.lax.stop_gradient(jnp.max(s, axis=-1, keepdims=True)))
     denom = jnp.sum(e, axis=-1, keepdims=True)                      # (B, H, Lq, 1) fp32
     o = matmul("bhqk,bhkd->bhqd", e, v, dtype=v.dtype)
     return (o / denom).astype(q.dtype)
+
+
+def _attention_forward(q, k, v, scale):
+    """o (B, H, Lq, Dh) in q.dtype, plus the residuals of the backward pass: the unnormalised
+    probabilities ``e = exp(s - max)`` in the compute dtype (B, H, Lq, Lk) and their row sums
+    ``l`` (B, H, Lq, 1) float32."""
+    dt = q.dtype
+    s = einsum_f32("bhqd,bhkd->bhqk", q, k, dt) * scale
+    e = jnp.exp(s - jnp.max(s, axis=-1, keepdims=True))
+    l = jnp.sum(e, axis=-1, keepdims=True)
+    e = e.astype(dt)
+    o = (einsum_f32("bhqk,bhkd->bhqd", e, v, dt) / l).astype(dt)
+    return o, e, l
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _fused_attention(q, k, v, scale):
+    """The ``xla`` attention with a hand-written backward pass (the FlashAttention algebra
+    without tiling): ``P = e / l`` is kept from the forward pass in the compute dtype and
+    ``dS = P * (dP - rowsum(dO * O))`` is one elementwise pass. Plain autodiff of
+    normalise-after-PV differentiates the division and the max-subtraction too, and XLA:CPU
+    splits its row sums into slow reduce-windows."""
+    return _attention_forward(q, k, v, scale)[0]
+
+
+def _fused_attention_fwd(q, k, v, scale):
+    o, e, l = _attention_forward(q, k, v, scale)
+    return o, (q, k, v, o, e, l)
+
+
+def _fused_attention_bwd(scale, res, g):
+    q, k, v, o, e, l = res
+    dt = q.dtype
+    f32 = jnp.float32
+    inv_l = 1.0 / l
+    g32 = g.astype(f32)
+    g_l = (g32 * inv_l).astype(dt)                                  # dO / l
+    d_l = jnp.sum(g32 * o.astype(f32), axis=-1, keepdims=True) * inv_l   # rowsum(dO*O) / l
+    dv = grad_einsum_f32("bhqk,bhqd->bhkd", e, g_l, dt)                # P^T dO
+    dp_l = einsum_f32("bhqd,bhkd->bhqk", g_l, v, dt)                   # dP / l
+    ds = (e.astype(f32) * (dp_l - d_l)).astype(dt)                  # P * (dP - D)
+    dq = einsum_f32("bhqk,bhkd->bhqd", ds, k, dt) * scale
+    dk = grad_einsum_f32("bhqk,bhqd->bhkd", ds, q, dt) * scale
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+
+
+_fused_attention.defvjp(_fused_attention_fwd, _fused_attention_bwd)
 
 
 @register_attention("xla_softmax", supports_jvp=True,

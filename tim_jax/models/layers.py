@@ -179,6 +179,14 @@ class Dense(nnx.Module):
                    precision=self.precision, out_dtype=self.dtype,
                    bias=None if self.bias is None else self.bias[...])
         return y.reshape(*x.shape[:-1], self.out_features)
+        if bias is not None:
+            bias_offset = bias_offset + bias.astype(jnp.float32)
+        b = x.shape[0]
+        y = matmul("bmi,io->bmo", x.reshape(b, -1, x.shape[-1]), self.kernel[...],
+                   dtype=self.dtype, precision=self.precision, out_dtype=self.dtype,
+                   bias=bias_offset.reshape(b, 1, self.out_features) if bias_offset.ndim > 1
+                   else bias_offset)
+        return y.reshape(*x.shape[:-1], self.out_features)
 
 
 def layer_norm(x: Array, eps: float, scale: Array | None = None, bias: Array | None = None) -> Array:
@@ -272,7 +280,7 @@ def silu_glu(h: Array) -> Array:
     float32 and rounded once to ``h.dtype``.
 
     Its backward (a ``custom_vjp``) is one elementwise pass that writes the (..., 2H) gradient
-    as a concatenation, in ``h.dtype``. Plain autodiff of the two slices builds it from two
+    in ``h.dtype``. Plain autodiff of the two slices builds it from two
     zero-padded halves and, for bfloat16, rounds after every op. Inside
     :func:`tim_jax.autodiff.forward_mode` (``jax.jvp``) it is plain autodiff."""
     if in_forward_mode():
@@ -295,12 +303,17 @@ def _silu_glu_fwd(h):
 
 
 def _silu_glu_bwd(h, g):
-    gate, value = jnp.split(h.astype(jnp.float32), 2, axis=-1)
-    g = g.astype(jnp.float32)
+    # Both halves of the gradient in one elementwise pass over a (..., 2, H) view: a select
+    # between the gate and the value formula, rounded once to h.dtype (a concatenation would
+    # be a separate float32 copy on XLA:CPU).
+    hh = h.reshape(*h.shape[:-1], 2, h.shape[-1] // 2).astype(jnp.float32)
+    gate, value = hh[..., :1, :], hh[..., 1:, :]
+    g = g.astype(jnp.float32)[..., None, :]
     sig = jax.nn.sigmoid(gate)
-    silu = gate * sig
     dgate = g * value * sig * (1.0 + gate * (1.0 - sig))
-    return (jnp.concatenate([dgate, g * silu], axis=-1).astype(h.dtype),)
+    dvalue = g * gate * sig
+    first = jax.lax.broadcasted_iota(jnp.int32, hh.shape, hh.ndim - 2) == 0
+    return (jnp.where(first, dgate, dvalue).astype(h.dtype).reshape(h.shape),)
 
 
 _silu_glu_vjp.defvjp(_silu_glu_fwd, _silu_glu_bwd)
@@ -470,6 +483,33 @@ def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
 # attention layers (every one calls ``attention.attention``; layout heads-first (B, H, L, Dh))
 
 
+def project_heads(dense: Dense, x: Array, parts: int, num_heads: int,
+                  bias_offset: Array | None = None) -> list[Array]:
+    """A fused projection (``dense``: in -> parts * H * Dh, columns ordered (parts, H, Dh))
+    written straight in the heads-first layout: x (B, L, in) -> ``parts`` arrays (B, H, L, Dh)
+    in ``dense.dtype``. ``bias_offset`` (B, 1, parts * H * Dh) float32 is added to the bias
+    before the single rounding (one row per sample, e.g. the interval-aware term).
+
+    The (B, L, H, Dh) -> (B, H, L, Dh) transpose happens on the float32 matmul result, before
+    the rounding. Transposing the rounded bf16 projection instead makes XLA:CPU upcast the
+    attention matmuls that read it to float32 (measured: 4 of the 6 attention matmuls of a
+    forward+backward pass, 1.2-2x slower)."""
+    b, n, _ = x.shape
+    kernel = dense.kernel[...]
+    dh = kernel.shape[-1] // (parts * num_heads)
+    bias = None if dense.bias is None else dense.bias[...].astype(jnp.float32)
+    if bias_offset is not None:
+        bias = bias_offset if bias is None else bias_offset + bias
+        bias = bias.reshape(b, parts, num_heads, 1, dh).transpose(1, 0, 2, 3, 4)
+    elif bias is not None:
+        bias = bias.reshape(parts, 1, num_heads, 1, dh)
+    y = matmul("bni,ithd->tbhnd", x, kernel.reshape(-1, parts, num_heads, dh),
+               dtype=dense.dtype, precision=dense.precision, bias=bias,
+               out_dtype=dense.dtype)
+    # jnp.split: its backward is ONE concatenation (indexing would add zero-padded parts)
+    return [p[0] for p in jnp.split(y, parts, axis=0)]
+
+
 class SelfAttention(nnx.Module):
     """Official TiM ``Attention``: fused qkv (bias) + the interval-aware projection ``qkv_d`` of
     the Δt embedding (no bias; ``distance_aware``), LayerNorm QK-norm over head_dim (affine,
@@ -500,11 +540,12 @@ class SelfAttention(nnx.Module):
         """x (B, L, D) in dtype; rope = (cos, sin) (L, head_dim); delta (B, 1, D) float32 Δt
         embedding (used when distance_aware). Returns (B, L, D) in dtype."""
         b, n, d = x.shape
-        qkv = self.qkv(x)
+        # the interval-aware term W_d·emb(Δt) is one bias row per sample of the qkv matmul
+        offset = None
         if self.qkv_d is not None:
-            qkv = qkv + self.qkv_d(delta)
-        qkv = qkv.reshape(b, n, 3, self.num_heads, self.head_dim).transpose(2, 0, 3, 1, 4)
-        q, k, v = qkv[0], qkv[1], qkv[2]                       # (B, H, L, Dh)
+            offset = matmul("bji,io->bjo", delta, self.qkv_d.kernel[...], dtype=self.dtype,
+                            precision=self.qkv_d.precision)
+        q, k, v = project_heads(self.qkv, x, 3, self.num_heads, offset)   # (B, H, L, Dh)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = rope
@@ -541,10 +582,8 @@ class CrossAttention(nnx.Module):
         """x (B, N, D) image tokens, y (B, M, D) caption tokens; rope tables (N, head_dim).
         Returns (B, N, D) in dtype."""
         b, n, d = x.shape
-        m = y.shape[1]
-        q = self.q(x).reshape(b, n, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)
-        kv = self.kv(y).reshape(b, m, 2, self.num_heads, self.head_dim).transpose(2, 0, 3, 1, 4)
-        k, v = kv[0], kv[1]
+        (q,) = project_heads(self.q, x, 1, self.num_heads)
+        k, v = project_heads(self.kv, y, 2, self.num_heads)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = rope
