@@ -19,6 +19,9 @@ CASES = [
     ("bni,io->bno", (2, 6, 4), (4, 3), True),
     ("bhqd,bhkd->bhqk", (2, 3, 8, 4), (2, 3, 8, 4), False),
     ("bhqk,bhkd->bhqd", (2, 3, 8, 8), (2, 3, 8, 4), False),
+    # heads-first projection: output order != dot_general's, two contracted indices (b, n)
+    # in the weight gradient
+    ("bni,ithd->tbhnd", (2, 6, 4), (4, 3, 2, 5), True),
 ]
 
 
@@ -28,6 +31,13 @@ def _operands(shape_a, shape_b, bias, seed=0):
     b = jnp.asarray(rng.standard_normal(shape_b), jnp.float32)
     c = jnp.asarray(rng.standard_normal(shape_b[-1]), jnp.float32) if bias else None
     return a, b, c
+
+
+def _sum_to(g, shape):
+    """Sum g over the axes a bias of ``shape`` was broadcast along (numpy)."""
+    lead = g.ndim - len(shape)
+    axes = tuple(range(lead)) + tuple(lead + i for i, n in enumerate(shape) if n == 1)
+    return g.sum(axes).reshape(shape)
 
 
 def _plain(spec, a, b, c, dtype=jnp.float32):
@@ -79,7 +89,7 @@ def test_bfloat16_gradients_run_in_bfloat16_and_match_float64(spec, sa, sb, bias
                                rtol=1e-5, atol=1e-5)
     if bias:
         assert dc.dtype == jnp.float32
-        np.testing.assert_allclose(f64(dc), g64.reshape(-1, g64.shape[-1]).sum(0), rtol=1e-6)
+        np.testing.assert_allclose(f64(dc), _sum_to(g64, c.shape), rtol=1e-6)
     np.testing.assert_allclose(
         f64(out), np.einsum(spec, a64, b64) + (0 if c is None else f64(c)), rtol=1e-2, atol=2e-2)
 
@@ -95,6 +105,31 @@ def test_forward_mode_is_needed_for_jvp_and_gives_the_plain_tangent():
         _, tangent = jax.jvp(f, (a,), (a,))
     assert not in_forward_mode()
     np.testing.assert_allclose(tangent, a @ b, rtol=1e-6)
+
+
+@pytest.mark.parametrize("bias_shape", [(2, 1, 5), (1, 1, 5), (2, 7, 5)])
+def test_broadcast_bias_per_sample_value_and_gradient(bias_shape):
+    """A bias row per sample (B, 1, N) (the interval-aware qkv term) or any shape broadcasting
+    to the output with its last axis full: added before the single rounding; its gradient is
+    the cotangent summed over the broadcast axes."""
+    rng = np.random.default_rng(3)
+    a = jnp.asarray(rng.standard_normal((2, 7, 4)), jnp.float32)
+    b = jnp.asarray(rng.standard_normal((4, 5)), jnp.float32)
+    c = jnp.asarray(rng.standard_normal(bias_shape), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((2, 7, 5)), jnp.float32)
+    ours = lambda a, b, c: jnp.sum(matmul("bni,io->bno", a, b, bias=c) * w)  # noqa: E731
+    ref = lambda a, b, c: jnp.sum((jnp.einsum("bni,io->bno", a, b) + c) * w)  # noqa: E731
+    np.testing.assert_allclose(ours(a, b, c), ref(a, b, c), rtol=1e-5)
+    for go, gr in zip(jax.grad(ours, (0, 1, 2))(a, b, c), jax.grad(ref, (0, 1, 2))(a, b, c)):
+        assert go.shape == gr.shape
+        np.testing.assert_allclose(go, gr, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bias_shape", [(4,), (2, 5), (2, 1, 5), (7, 1)])
+def test_bias_that_does_not_fit_the_output_is_rejected(bias_shape):
+    a, b = jnp.ones((3, 7, 4)), jnp.ones((4, 5))
+    with pytest.raises(ValueError, match="bias of shape"):
+        matmul("bni,io->bno", a, b, bias=jnp.ones(bias_shape))
 
 
 @pytest.mark.parametrize("spec", ["...i,io->...o", "mi,io", "ab,bc,cd->ad", "mii,io->mo"])
