@@ -15,12 +15,22 @@ AVX512-BF16/AMX; figures are GFLOP/s at the TiM shapes):
   copy of it is materialised; the bias gradient is summed in float32.
 * A contraction over an index that is not the first operand's minor one (the weight gradient
   ``x^T g``, the attention's ``P^T dO`` and ``dS^T q``) is sent by XLA:CPU to an upcast or
-  Eigen kernel (bf16: 160-240; attention 4-D: ~50). Splitting that index into (2, n/2) reaches
-  the fast dot (bf16: ~600; attention: ~240). The result equals the unsplit sum up to float32
-  summation order.
+  Eigen kernel (bf16: 160-240; attention 4-D: ~50). For bf16 the backward transposes that
+  operand explicitly (contracted index last) and splits the index into (n/2, 2), a free
+  reshape that reaches the fast dot (bf16: 600-1260 with the transpose; attention ~250). A
+  (2, n/2) split, tried first, left XLA a strided transpose loop that is very slow for
+  power-of-two widths (31 ms for a (4096, 1024) activation, 5 ms now). A run of several
+  contracted indices (the (B, N) tokens of a 3-D input) is merged first. float32 operands are
+  left alone (Eigen's f32 kernel takes the transposed operand; a split was 1.1-1.7x slower).
+  The result equals the unsplit sum up to float32 summation order.
+* An output written in another index order than dot_general's (batch, a's free, b's free),
+  e.g. the heads-first projections ``"bni,ithd->tbhnd"``, has its cotangent transposed back
+  once, not once inside each of the two gradient matmuls.
+* ``bias`` may be one row per sample (``(B, 1, N)``, the interval-aware qkv term): added in
+  float32 before the single rounding, its gradient summed over the broadcast axes.
 
-Measured on TiM-S/2 (batch 16, gradient of F and the REPA projection): bf16 5.5 s -> 3.0 s per
-value_and_grad, fp32 6.0 s -> 5.4 s. Whole B/4 train step, bf16: 3.78 s -> 2.32 s.
+Measured on TiM-S/2 (batch 16, bf16, gradient of F and the REPA projection, one core): 5.2 s
+per value_and_grad before this session's changes (plain autodiff: about 2x that), 3.9 s after.
 
 Forward-mode AD (``jax.jvp``, used by the TiM ``jvp`` derivative) cannot pass through a
 ``custom_vjp``: inside :func:`tim_jax.autodiff.forward_mode` the op is the plain einsum.
@@ -110,11 +120,47 @@ def _split_shape(shape, axis, n):
     return (*shape[:axis], n // 2, 2, *shape[axis + 1:])
 
 
+# XLA:CPU's bf16 dot slows down 2-4x once its float32 result outgrows the cache (measured with
+# jax 0.10.2 on the 2-core Xeon, (M, K, N) -> ms: (4096, 384, 1152) 2.6, (4096, 384, 1536) 14.4,
+# (4096, 384, 2048) 17.5, i.e. 1390 -> 340 GFLOP/s); a long contraction (K >= 1024) hides it.
+# Such products run as a loop over row chunks of at most _CPU_CHUNK_BYTES of result each,
+# bias and rounding included: (4096, 384, 2048) 18.8 -> 9.4 ms, (4096, 768, 3072) 39 -> 24 ms.
+_CPU_CHUNK_BYTES = 8 << 20
+_CPU_CHUNK_MAX_K = 1024
+
+
+def _row_chunks(spec, a, b, bias) -> int:
+    """How many row chunks ``_forward`` splits a product into (1: none). Only on the CPU
+    backend, for a first operand whose leading index leads the output, a row bias, and a
+    short contraction with a float32 result larger than _CPU_CHUNK_BYTES."""
+    sa, sb, out = _parse(spec)
+    if jax.default_backend() != "cpu" or sa[0] != out[0] or sa[0] in sb:
+        return 1
+    if bias is not None and bias.ndim > 1:
+        return 1
+    sizes = {**dict(zip(sa, a.shape)), **dict(zip(sb, b.shape))}
+    k = math.prod(sizes[c] for c in sa if c in sb and c not in out)
+    out_bytes = 4 * math.prod(sizes[c] for c in out)
+    m, chunks = a.shape[0], 1
+    if k >= _CPU_CHUNK_MAX_K:
+        return 1
+    while out_bytes // chunks > _CPU_CHUNK_BYTES and m % (2 * chunks) == 0 and chunks < 8:
+        chunks *= 2
+    return chunks
+
+
 def _forward(spec, a, b, bias, dtype, precision, out_dtype):
-    y = einsum_f32(spec, a, b, dtype, precision)
-    if bias is not None:
-        y = y + bias.astype(jnp.float32)
-    return y.astype(out_dtype)
+    def product(a):
+        y = einsum_f32(spec, a, b, dtype, precision)
+        if bias is not None:
+            y = y + bias.astype(jnp.float32)
+        return y.astype(out_dtype)
+
+    chunks = _row_chunks(spec, a, b, bias)
+    if chunks == 1:
+        return product(a)
+    y = jax.lax.map(product, a.reshape(chunks, a.shape[0] // chunks, *a.shape[1:]))
+    return y.reshape(chunks * y.shape[1], *y.shape[2:])
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 4, 5, 6, 7))
