@@ -146,14 +146,39 @@ def test_bad_command_lines_exit_2(capsys):
     assert bench.main(["bench", "official", "--config", "configs/debug_cpu.py",
                        "--official-repo", "/nonexistent", "--torch-python", "/nonexistent"]) == 2
     assert "--torch-python" in capsys.readouterr().err
+    assert bench.main(["bench", "official", "--config", "configs/debug_cpu.py", "--official-repo",
+                       "/nonexistent", "--torch-python", "/nonexistent",
+                       "--torch-device", "tpu"]) == 2      # cpu or cuda only
+    assert "torch_device" in capsys.readouterr().err
 
 
-@pytest.mark.torch
-def test_official_side_by_side_on_debug_config():
+def skip_without_torch_or_official():
     if not os.path.isfile(TORCH_PYTHON):
         pytest.skip(f"no torch interpreter at {TORCH_PYTHON} (set TIM_JAX_TORCH_PYTHON)")
     if not os.path.isfile(os.path.join(OFFICIAL_REPO, "tim/models/c2i/tim_model.py")):
         pytest.skip(f"no official TiM checkout at {OFFICIAL_REPO} (set TIM_JAX_OFFICIAL_REPO)")
+
+
+@pytest.mark.torch
+def test_torch_device_cuda_without_cuda_fails_early(capsys, monkeypatch):
+    """``--torch-device cuda`` where torch sees no GPU: exit 2 naming the problem, before the
+    official model is built (CUDA hidden, so this holds on a GPU machine too)."""
+    skip_without_torch_or_official()
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert bench.main(["bench", "official", "--config", "configs/debug_cpu.py",
+                       "--official-repo", OFFICIAL_REPO, "--torch-python", TORCH_PYTHON,
+                       "--torch-device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert "error: torch driver: device 'cuda' (--torch-device cuda)" in err, err
+    assert "CUDA is not available" in err and "Traceback" not in err, err
+    # a spec with nothing else: the check comes before anything reads the model spec
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        bench.TorchOfficialStep(TORCH_PYTHON, {"official_repo": OFFICIAL_REPO, "device": "cuda"})
+
+
+@pytest.mark.torch
+def test_official_side_by_side_on_debug_config():
+    skip_without_torch_or_official()
     report, res = run_cli("official", *FAST, "--rounds", "2", "--round_steps", "1",
                           "--official-repo", OFFICIAL_REPO, "--torch-python", TORCH_PYTHON)
     check_train_result(res["jax"], report, debug_cpu.get_config().data.global_batch_size)
@@ -162,6 +187,7 @@ def test_official_side_by_side_on_debug_config():
     assert t["step_s"]["n"] == 2 and math.isfinite(t["loss"])
     assert t["peak"]["n"] == 128 and t["peak"]["reps"] == 2 and t["peak"]["flops_per_s"] > 0
     assert t["autocast_bf16"] is False and field(report, "precision") == "fp32"
+    assert t["device"] == "cpu" and field(report, "torch").startswith(f"{t['version']} on cpu, ")
     torch_peak_line = [ln for ln in report.splitlines() if "torch fp32 128^3, median of 2" in ln]
     assert len(torch_peak_line) == 1 and torch_peak_line[0].endswith("x XLA's fp32"), report
     assert [r["first"] for r in res["rounds"]] == ["jax", "torch"]

@@ -237,8 +237,11 @@ def test_cpu_row_chunked_product_equals_the_single_product(monkeypatch):
 
     singles = {dt: run(dt) for dt in (jnp.float32, jnp.bfloat16)}
     assert mm._row_chunks("mi,io->mo", a, b, c) == 1
-    monkeypatch.setattr(mm, "_CPU_CHUNK_BYTES", 64)      # 16 x 5 x 4 bytes -> 8 chunks
+    monkeypatch.setattr(mm, "_CPU_CHUNK_MIN_BYTES", 64)  # 16 x 5 x 4 bytes -> 8 chunks
+    monkeypatch.setattr(mm, "_CPU_CHUNK_BYTES", 32)
     assert mm._row_chunks("mi,io->mo", a, b, c) == 8
+    with mm.row_chunking(False):  # how the benchmark counts FLOPs (no loop in the program)
+        assert mm._row_chunks("mi,io->mo", a, b, c) == 1
     assert mm._row_chunks("mi,io->mo", a[:3], b, c) == 1  # rows not divisible
     assert mm._row_chunks("mo,io->mi", a[:, :5], b, None) == 8
     assert mm._row_chunks("im,io->mo", a[:6], b[:, :5][:6], None) == 1  # m is not a's own index

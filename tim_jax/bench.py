@@ -4,7 +4,8 @@
         [--steps 5] [--warmup 2]
     python -m tim_jax.bench official --config configs/c2i_s2_256.py \
         --config.data.global_batch_size=16 --official-repo /path/to/TiM \
-        --torch-python /path/to/torch-venv/bin/python [--rounds 4] [--round-steps 2]
+        --torch-python /path/to/torch-venv/bin/python [--rounds 4] [--round-steps 2] \
+        [--torch-device cuda]
 
 **train** builds the real training state and the whole jitted step of :mod:`tim_jax.train_step`
 (full objective as configured: DDE or JVP derivative, REPA against ``z_dim`` targets, label
@@ -30,6 +31,20 @@ attention, ``TransitionSchedule``, AdamW, clipping and EMA, same sizes and batch
 **interleaved**: round i runs ``--round-steps`` steps of each (alternating which goes first),
 with the other process idle, and the speed-up is the median over rounds of
 ``torch round median / jax round median``, which cancels most of the machine's slow drift.
+``--torch-device`` (``cpu``, the default, or ``cuda``) is where the official step runs; JAX
+always uses its default backend. On a GPU machine (``launch/bench_gpu.sh`` runs this) use::
+
+    TIM_JAX_NO_REEXEC=1 XLA_PYTHON_CLIENT_PREALLOCATE=false python -m tim_jax.bench official \
+        ... --torch-device cuda --peak_n 8192
+
+``--peak_n 8192``: a 2048-cubed matmul is too short to reach a GPU's peak (both sides' peaks,
+and so the FLOP floors, use it). ``TIM_JAX_NO_REEXEC=1`` (recommended, not required) skips the
+re-exec under the glibc-malloc setting described below: it is tuned for XLA:CPU's multi-GB host
+buffers, gains nothing when XLA runs on the GPU, and its single malloc arena can only add
+host-side lock contention; the torch subprocess runs with the default allocator either way.
+``XLA_PYTHON_CLIENT_PREALLOCATE=false`` stops JAX from reserving 75 % of the GPU's memory up
+front, which would leave too little for torch on the same GPU. With ``cuda`` where torch sees
+no GPU, the driver stops at once and the CLI exits 2 naming the problem.
 
 Both modes print a human-readable report and finally one line ``BENCH_RESULT {json}`` with every
 figure (keys documented in :func:`run_train_bench` / :func:`run_official_bench`); ``--json PATH``
@@ -212,6 +227,15 @@ def build_jax_bench(config) -> JaxStepBench:
     t2 = time.perf_counter()
     n_params = int(sum(np.prod(a.shape) for a in jax.tree.leaves(state.params)))
     costs = compiled_costs(compiled, num_devices=mesh.size)
+    if jax.default_backend() == "cpu":
+        # FLOPs from the same step traced without the CPU row chunking of large matmuls:
+        # XLA's cost analysis counts a loop body once (memory figures stay the real ones)
+        from tim_jax.models.matmul import row_chunking
+
+        with row_chunking(False):
+            plain = train_step.make_train_step(config, graphdef, mesh, shardings)
+            costs["flops"] = compiled_costs(plain.jitted.lower(state, batch).compile(),
+                                            num_devices=mesh.size)["flops"]
     return JaxStepBench(config, step=compiled, state=state, batch=batch, lower_s=t1 - t0,
                         compile_s=t2 - t1, costs=costs, n_params=n_params)
 
@@ -314,15 +338,16 @@ def _cfg_get(node, key, default):
 
 
 def official_spec(config, official_repo: str, *, attn_type: str = "fused_attn",
-                  seed: int = 0, threads: int = 0) -> dict:
+                  seed: int = 0, threads: int = 0, device: str = "cpu") -> dict:
     """The spec of the official step (:mod:`tim_jax.bench_torch_driver`) matching ``config``.
 
     Maps the tim_jax config names onto the official constructor / ``TransitionSchedule`` /
     trainer arguments; only class-conditional (``model.kind='c2i'``) models are supported.
     The official trainer keeps one EMA model: the first of ``ema.decays`` is used.
-    ``model.dtype='bfloat16'`` runs the official loss under ``torch.autocast('cpu', bfloat16)``
+    ``model.dtype='bfloat16'`` runs the official loss under ``torch.autocast(device, bfloat16)``
     (what the official ``mixed_precision: bf16`` does), so both sides compute in the same precision.
-    ``threads``: torch intra-op threads (0: torch's default, one per core).
+    ``threads``: torch intra-op threads (0: torch's default, one per core). ``device``: where
+    the official step runs, ``"cpu"`` or ``"cuda"``.
     """
     from tim_jax import optim
 
@@ -362,6 +387,7 @@ def official_spec(config, official_repo: str, *, attn_type: str = "fused_attn",
         "autocast_bf16": str(m.get("dtype", "float32")) == "bfloat16",
         "seed": int(seed),
         "threads": int(threads),
+        "device": device,
     }
 
 
@@ -393,6 +419,9 @@ class TorchOfficialStep:
         self.timeout_s = timeout_s
         self.info = self._read()
         if not self.info.get("ready"):
+            self.close()
+            if "error" in self.info:  # a set-up problem the driver names (e.g. no CUDA)
+                raise ValueError(f"torch driver: {self.info['error']}")
             raise RuntimeError(f"torch driver did not start: {self.info}")
 
     def _read(self) -> dict:
@@ -419,7 +448,7 @@ class TorchOfficialStep:
         return int(self._ask({"op": "flops"})["flops"])
 
     def matmul_peak(self, n: int = 2048, reps: int = 7) -> dict:
-        """torch's fp32 matmul speed, measured like :func:`matmul_peak`."""
+        """torch's fp32 matmul speed on the spec's device, measured like :func:`matmul_peak`."""
         return self._ask({"op": "peak", "n": int(n), "reps": int(reps)})
 
     def close(self) -> None:
@@ -443,14 +472,19 @@ class TorchOfficialStep:
 def run_official_bench(config, *, official_repo: str, torch_python: str, rounds: int = 4,
                        round_steps: int = 2, warmup: int = 2, peak_n: int = 2048,
                        peak_reps: int = 7, torch_flops: bool = False,
-                       torch_threads: int = 0) -> dict:
+                       torch_threads: int = 0, torch_device: str = "cpu") -> dict:
     """Paired, interleaved tim_jax vs official-torch benchmark; returns the result dict.
 
+    ``torch_device``: where the official step runs (``"cpu"`` or ``"cuda"``; see the module
+    docstring for the settings a GPU run wants).
+
     Keys: ``jax`` (the :func:`run_train_bench` dict over all timed rounds), ``torch``
-    ({``step_s``, ``images_per_s``, ``n_params``, ``version``, ``threads``, ``build_s``,
-    ``minflt_per_step``, ``maxrss_mib``, ``loss``, ``shims``, ``peak`` (torch's fp32 matmul
-    speed, measured like the JAX one), optionally ``flops`` from torch's
-    FlopCounter (matmuls and attention only) and ``floor_multiple`` against the JAX FLOP count}),
+    ({``device`` (``torch_device``), ``step_s``, ``images_per_s``, ``n_params``, ``version``,
+    ``threads``, ``build_s``, ``minflt_per_step``, ``maxrss_mib``, ``loss``, ``shims``, ``peak``
+    (torch's fp32 matmul speed on that device, measured like the JAX one; TF32 allowed on
+    CUDA), on CUDA ``device_name`` and ``cuda_max_allocated_mib`` (torch's peak GPU memory),
+    optionally ``flops`` from torch's FlopCounter (matmuls and attention only) and
+    ``floor_multiple`` against the JAX FLOP count}),
     ``rounds`` (per round: ``jax_median``, ``torch_median``, ``ratio``, ``first``), ``speedup``
     (median of the per-round ratios torch/jax; > 1 means tim_jax is faster) and its
     ``speedup_min`` / ``speedup_max`` over rounds, ``speedup_best`` (fastest torch step /
@@ -461,7 +495,10 @@ def run_official_bench(config, *, official_repo: str, torch_python: str, rounds:
         raise ValueError(f"--rounds and --round-steps must be >= 1 and --warmup >= 0, got "
                          f"{rounds}, {round_steps}, {warmup}")
     load0 = _loadavg()
-    spec = official_spec(config, official_repo, seed=int(config.seed), threads=torch_threads)
+    if torch_device not in ("cpu", "cuda"):
+        raise ValueError(f"--torch-device must be 'cpu' or 'cuda', got {torch_device!r}")
+    spec = official_spec(config, official_repo, seed=int(config.seed), threads=torch_threads,
+                         device=torch_device)
     with TorchOfficialStep(torch_python, spec) as torch_step:
         peaks = compute_peaks(config, peak_n, peak_reps)
         torch_peak = torch_step.matmul_peak(peak_n, peak_reps)
@@ -491,7 +528,8 @@ def run_official_bench(config, *, official_repo: str, torch_python: str, rounds:
     b = int(config.data.global_batch_size)
     tst = step_stats(torch_times)
     torch_res = {
-        "step_s": tst, "images_per_s": b / tst["median"], "n_params": info["n_params"],
+        "device": torch_device, "step_s": tst, "images_per_s": b / tst["median"],
+        "n_params": info["n_params"],
         "version": info["torch"], "threads": info["threads"], "build_s": info["build_s"],
         "minflt_per_step": torch_last.get("minflt_per_step"),
         "maxrss_mib": torch_last.get("maxrss_mib"), "loss": torch_last.get("loss"),
@@ -499,6 +537,10 @@ def run_official_bench(config, *, official_repo: str, torch_python: str, rounds:
         "floor_multiple": tst["median"] / jax_res["flop_floor_s"], "peak": torch_peak,
         "autocast_bf16": bool(spec["autocast_bf16"]),
     }
+    if "device_name" in info:
+        torch_res["device_name"] = info["device_name"]
+    if "cuda_max_allocated_mib" in torch_last:
+        torch_res["cuda_max_allocated_mib"] = torch_last["cuda_max_allocated_mib"]
     if t_flops is not None:
         torch_res["flops"] = t_flops
     ratios = [r["ratio"] for r in per_round]
@@ -513,7 +555,9 @@ def format_official_report(res: dict) -> str:
     j, t = res["jax"], res["torch"]
     lines = [format_train_report(j, "tim_jax train step (interleaved rounds)"), "",
              "== official PyTorch step (same session, interleaved) ==",
-             f"torch             : {t['version']}, {t['threads']} threads, build "
+             f"torch             : {t['version']} on {t.get('device', 'cpu')}"
+             + (f" ({t['device_name']})" if t.get("device_name") else "")
+             + f", {t['threads']} threads, build "
              f"{t['build_s']:.1f} s, shims {t['shims']}",
              "precision         : " + ("bf16 autocast (official mixed_precision: bf16)"
                                        if t.get("autocast_bf16") else "fp32"),
@@ -526,12 +570,16 @@ def format_official_report(res: dict) -> str:
              f"images/s          : {t['images_per_s']:.3f}",
              f"step vs JAX floor : {t['floor_multiple']:.2f}x the tim_jax FLOP floor",
              f"matmul peak       : {t['peak']['flops_per_s'] / 1e9:.2f} GFLOP/s (torch fp32 "
-             f"{t['peak']['n']}^3, median of {t['peak']['reps']}) = "
+             + ("" if t.get("device", "cpu") == "cpu" else "with TF32 allowed, on cuda, ")
+             + f"{t['peak']['n']}^3, median of {t['peak']['reps']}) = "
              f"{t['peak']['flops_per_s'] / (j['peak_fp32'] or j['peak'])['flops_per_s']:.2f}x "
              "XLA's fp32"]
     if "flops" in t:
         lines.append(f"FLOPs/step        : {t['flops'] / 1e9:.2f} GFLOP (torch FlopCounter: "
                      "matmuls + attention only)")
+    if "cuda_max_allocated_mib" in t:
+        lines.append(f"GPU memory        : {t['cuda_max_allocated_mib'] / 1024:.2f} GiB (torch "
+                     "max_memory_allocated)")
     lines += [f"minor faults/step : {t['minflt_per_step']:.0f}",
               f"max RSS           : {t['maxrss_mib']:.0f} MiB", "",
               "== comparison ==",
@@ -572,6 +620,10 @@ def _parse(argv: Sequence[str]):
                          "step under torch's FlopCounter)", flag_values=fv)
     flags.DEFINE_integer("torch_threads", 0, "official: torch intra-op threads (0: torch's "
                          "default)", flag_values=fv)
+    flags.DEFINE_enum("torch_device", "cpu", ["cpu", "cuda"], "official: device of the official "
+                      "step (JAX uses its default backend); with cuda also pass --peak_n 8192 and "
+                      "set TIM_JAX_NO_REEXEC=1 XLA_PYTHON_CLIENT_PREALLOCATE=false (see the "
+                      "module docstring)", flag_values=fv)
     flags.DEFINE_string("json", None, "also write the result JSON to this file", flag_values=fv)
     # accept the dashed spellings (--official-repo) as well as absl's underscores
     norm = []
@@ -615,7 +667,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                      rounds=fv["rounds"].value,
                                      round_steps=fv["round_steps"].value,
                                      torch_flops=fv["torch_flops"].value,
-                                     torch_threads=fv["torch_threads"].value, **common)
+                                     torch_threads=fv["torch_threads"].value,
+                                     torch_device=fv["torch_device"].value, **common)
             report = format_official_report(res)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)

@@ -8,9 +8,9 @@ subprocess of ``python -m tim_jax.bench official``::
 It imports nothing from tim_jax and no JAX. It builds the official network
 (``tim.models.c2i.tim_model.TiM``) and the official ``TransitionSchedule`` loss from an official
 checkout (``spec["official_repo"]``, put on ``sys.path``; nothing is copied), then runs the
-official trainer's step on random data on the CPU, in float32, or under
-``torch.autocast('cpu', bfloat16)`` when ``spec["autocast_bf16"]`` (the official
-``mixed_precision: bf16``):
+official trainer's step on random data on ``spec["device"]`` (``"cpu"``, the default, or
+``"cuda"``), in float32, or under ``torch.autocast(<device>, bfloat16)`` when
+``spec["autocast_bf16"]`` (the official ``mixed_precision: bf16``):
 
 * label dropout as in the official trainer, REPA targets drawn once as random
   (B, N_tokens, z_dim) features;
@@ -18,6 +18,12 @@ official trainer's step on random data on the CPU, in float32, or under
   no-grad forwards, time weighting, adaptive weighting, directional and REPA losses);
 * ``(weighted_loss + proj_coeff * proj_loss).backward()``, ``clip_grad_norm_``,
   ``torch.optim.AdamW``, ``zero_grad(set_to_none=True)`` and the EMA update.
+
+On ``"cuda"`` the model, its EMA copy, the optimizer state, the fixed batch and the per-step
+noise / label dropout all live on the GPU, TF32 matmuls are allowed (the official
+``allow_tf32: True``), and each step and each peak matmul ends with ``torch.cuda.synchronize()``.
+When CUDA is not available the driver fails before building anything: it answers one
+``{"error": ...}`` line instead of the ready line and exits with code 2.
 
 Three in-process shims make the GPU-only code run on a CPU; none changes what is timed:
 
@@ -34,9 +40,11 @@ Protocol: after start-up one JSON line ``{"ready": true, ...}`` is written to st
 stdin line is a JSON command, answered by one JSON line:
 
 * ``{"op": "run", "steps": k}`` -> ``{"times": [s, ...], "loss": float, "minflt_per_step": float,
-  "maxrss_mib": float}``: k steps, each timed with ``time.perf_counter``.
+  "maxrss_mib": float}``: k steps, each timed with ``time.perf_counter`` (on CUDA also
+  ``"cuda_max_allocated_mib"``, torch's peak GPU memory so far).
 * ``{"op": "peak", "n": 2048, "reps": 7}`` -> ``{"flops_per_s", "median_s", "n", "reps"}``: torch's
-  fp32 matmul speed on this machine (to compare with XLA's, measured the same way).
+  fp32 matmul speed on the device (to compare with XLA's, measured the same way; on CUDA, with
+  TF32 allowed, also ``"device"``: the GPU's name).
 * ``{"op": "flops"}`` -> ``{"flops": int}``: one step under ``torch.utils.flop_counter``
   (matmuls and attention only).
 * ``{"op": "quit"}`` -> exits.
@@ -86,6 +94,19 @@ def _import_timm_cpu_safe() -> bool:
     return True
 
 
+def _device_problem(torch, device: str):
+    """Why ``spec["device"]`` cannot be used (None when it can)."""
+    if device not in ("cpu", "cuda"):
+        return f"spec device must be 'cpu' or 'cuda', got {device!r}"
+    if device == "cuda" and not torch.cuda.is_available():
+        return (f"device 'cuda' (--torch-device cuda) asked for, but CUDA is not available to "
+                f"torch {torch.__version__} at {sys.executable} (CUDA build: "
+                f"{torch.version.cuda or 'no, a CPU-only build'}; CUDA_VISIBLE_DEVICES="
+                f"{os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')}): run it on a machine with "
+                "an NVIDIA GPU and a CUDA build of torch, or use --torch-device cpu")
+    return None
+
+
 def _install_shims() -> dict:
     import torch
 
@@ -115,11 +136,12 @@ class OfficialStep:
         from tim.schedulers import transports
         from tim.schedulers.transition import TransitionSchedule
 
+        self.dev = dev = torch.device(spec.get("device", "cpu"))
         torch.manual_seed(int(spec.get("seed", 0)))
         if spec.get("threads"):
             torch.set_num_threads(int(spec["threads"]))
         mk = dict(spec["model"])
-        self.model = TiM(**mk).train()
+        self.model = TiM(**mk).train().to(dev)  # initialised on the CPU, then moved
         self.ema = copy.deepcopy(self.model)
         self.ema.requires_grad_(False)
         tr = spec["transport"]
@@ -143,20 +165,20 @@ class OfficialStep:
         size, ch, p = mk["input_size"], mk["in_channels"], mk["patch_size"]
         self.num_classes = mk["num_classes"]
         self.dropout = float(spec.get("label_dropout", mk.get("class_dropout_prob", 0.1)))
-        self.latent = torch.randn(b, ch, size, size)
-        self.label = torch.randint(0, self.num_classes, (b,))
-        self.h_target = torch.randn(b, (size // p) ** 2, mk["z_dim"])
+        self.latent = torch.randn(b, ch, size, size, device=dev)
+        self.label = torch.randint(0, self.num_classes, (b,), device=dev)
+        self.h_target = torch.randn(b, (size // p) ** 2, mk["z_dim"], device=dev)
         self.n_params = sum(q.numel() for q in self.model.parameters())
 
     def step(self) -> float:
         torch = self.torch
         x, label = self.latent, self.label
         noises = torch.randn_like(x)
-        drop = torch.rand(label.shape[0]) < self.dropout
+        drop = torch.rand(label.shape[0], device=self.dev) < self.dropout
         dropped = torch.where(drop, self.num_classes, label)
         null = torch.ones_like(label) * self.num_classes
         a = self.attn_type
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast):
+        with torch.autocast(self.dev.type, dtype=torch.bfloat16, enabled=self.autocast):
             weighted, proj, _ = self.loss_fn(
                 self.model, self.ema, self.model, x.shape[0], x, noises,
                 dict(y=dropped, return_zs=True, attn_type=a),
@@ -174,21 +196,35 @@ class OfficialStep:
             d = self.ema_decay
             for pe, pm in zip(self.ema.parameters(), self.model.parameters()):
                 pe.mul_(d).add_(pm, alpha=1.0 - d)
-        return float(loss.detach())
+        out = float(loss.detach())
+        _sync(torch, self.dev)
+        return out
 
 
-def _matmul_peak(torch, n: int, reps: int) -> dict:
+def _sync(torch, dev) -> None:
+    """Waits for the device's queued work (CPU ops are synchronous already)."""
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def _matmul_peak(torch, n: int, reps: int, device: str = "cpu") -> dict:
     """torch's fp32 GEMM speed: median of ``reps`` timed ``n``-cubed matmuls (after one untimed)."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    dev = torch.device(device)
+    a, b = torch.randn(n, n, device=dev), torch.randn(n, n, device=dev)
     torch.mm(a, b)
+    _sync(torch, dev)
     ts = []
     for _ in range(reps):
         s = time.perf_counter()
         torch.mm(a, b)
+        _sync(torch, dev)
         ts.append(time.perf_counter() - s)
     ts.sort()
     med = ts[len(ts) // 2]
-    return {"flops_per_s": 2.0 * n ** 3 / med, "median_s": med, "n": n, "reps": reps}
+    out = {"flops_per_s": 2.0 * n ** 3 / med, "median_s": med, "n": n, "reps": reps}
+    if dev.type == "cuda":
+        out["device"] = torch.cuda.get_device_name(dev)
+    return out
 
 
 def main(argv=None) -> int:
@@ -201,13 +237,22 @@ def main(argv=None) -> int:
     os.dup2(2, 1)
     sys.stdout = sys.stderr
     t0 = time.perf_counter()
-    shims = _install_shims()
     import torch
 
+    device = spec.get("device", "cpu")
+    problem = _device_problem(torch, device)
+    if problem:  # before the shims and the model: fail in seconds, with the reason
+        print(f"error: {problem}", file=sys.stderr, flush=True)
+        _write(proto, {"error": problem})
+        return 2
+    if device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # the official trainer's allow_tf32: True
+    shims = _install_shims()
     step = OfficialStep(spec)
+    gpu = {"device_name": torch.cuda.get_device_name()} if device == "cuda" else {}
     _write(proto, {
         "ready": True, "build_s": time.perf_counter() - t0, "n_params": step.n_params,
-        "torch": torch.__version__, "threads": torch.get_num_threads(), **shims,
+        "torch": torch.__version__, "threads": torch.get_num_threads(), **shims, **gpu,
     })
     for line in sys.stdin:
         if not line.strip():
@@ -223,13 +268,16 @@ def main(argv=None) -> int:
                 loss = step.step()
                 times.append(time.perf_counter() - s)
             ru = resource.getrusage(resource.RUSAGE_SELF)
+            mem = ({"cuda_max_allocated_mib": torch.cuda.max_memory_allocated() / 2 ** 20}
+                   if device == "cuda" else {})
             _write(proto, {
                 "times": times, "loss": loss,
                 "minflt_per_step": (ru.ru_minflt - f0) / max(len(times), 1),
-                "maxrss_mib": ru.ru_maxrss / 1024.0,
+                "maxrss_mib": ru.ru_maxrss / 1024.0, **mem,
             })
         elif cmd["op"] == "peak":
-            _write(proto, _matmul_peak(torch, int(cmd.get("n", 2048)), int(cmd.get("reps", 7))))
+            _write(proto, _matmul_peak(torch, int(cmd.get("n", 2048)), int(cmd.get("reps", 7)),
+                                       device))
         elif cmd["op"] == "flops":
             from torch.utils.flop_counter import FlopCounterMode
 

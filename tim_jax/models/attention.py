@@ -11,9 +11,13 @@ are float32; ``o`` has q's dtype.
 Implementations (``impl``):
 
 * ``"xla"``: heads-first einsums, float32 logits and softmax, normalisation AFTER the PV product
-  (``o = (exp(s - max) @ v) / rowsum``). The two products are :func:`tim_jax.models.matmul.matmul`
-  (gradient matmuls in the compute dtype); ``jax.grad`` works as usual and ``jax.jvp`` (the TiM
-  ``jvp`` derivative) inside :func:`tim_jax.autodiff.forward_mode`. The default.
+  (``o = (exp(s - max) @ v) / rowsum``), with a hand-written backward pass (a ``custom_vjp``:
+  ``e`` kept in the compute dtype, ``dS = P * (dP - rowsum(dO * O))`` in one pass, gradient
+  matmuls in the compute dtype with the layouts of :mod:`tim_jax.models.matmul`). bf16
+  forward+backward of one S/2 block's attention (B=16, H=6, L=256, one core): 50 ms vs 61 ms
+  for autodiff of the same forward. ``jax.grad`` works as usual and ``jax.jvp`` (the TiM
+  ``jvp`` derivative) inside :func:`tim_jax.autodiff.forward_mode`, where it is plain autodiff.
+  The default.
 * ``"xla_softmax"``: the same einsums with ``jax.nn.softmax`` before PV (the textbook order).
 * ``"dot_product"``: ``jax.nn.dot_product_attention`` (implementation chosen by JAX; on GPU it
   may pick cuDNN, which has no forward-mode AD).

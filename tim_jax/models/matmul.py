@@ -41,6 +41,8 @@ operand appears in the other operand or in the output, so the reversed specs are
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import math
 
@@ -120,21 +122,39 @@ def _split_shape(shape, axis, n):
     return (*shape[:axis], n // 2, 2, *shape[axis + 1:])
 
 
-# XLA:CPU's bf16 dot slows down 2-4x once its float32 result outgrows the cache (measured with
-# jax 0.10.2 on the 2-core Xeon, (M, K, N) -> ms: (4096, 384, 1152) 2.6, (4096, 384, 1536) 14.4,
-# (4096, 384, 2048) 17.5, i.e. 1390 -> 340 GFLOP/s); a long contraction (K >= 1024) hides it.
-# Such products run as a loop over row chunks of at most _CPU_CHUNK_BYTES of result each,
-# bias and rounding included: (4096, 384, 2048) 18.8 -> 9.4 ms, (4096, 768, 3072) 39 -> 24 ms.
-_CPU_CHUNK_BYTES = 8 << 20
-_CPU_CHUNK_MAX_K = 1024
+# XLA:CPU's bf16 dot slows down 2-4x once its float32 result outgrows the cache, unless a long
+# contraction hides it (measured with jax 0.10.2 on the 2-core Xeon, (M, K, N): result MiB ->
+# ms, bias and bf16 rounding included): (1024, 768, 4096): 16 -> 5.6; (4096, 384, 2048):
+# 32 -> 16.4; (4096, 768, 3072): 48 -> 38.1; (4096, 2048, 2048): 32 -> 46 (fine: K = 2048).
+# Products with a result over _CPU_CHUNK_MIN_BYTES and K <= _CPU_CHUNK_MAX_K run as a loop over
+# row chunks of at most _CPU_CHUNK_BYTES each: (4096, 384, 2048) 16.4 -> 9.3 ms,
+# (4096, 768, 3072) 38.1 -> 22.9 ms, (2048, 1152, 4608) 35.9 -> 24.3 ms.
+_CPU_CHUNK_MIN_BYTES = 24 << 20
+_CPU_CHUNK_BYTES = 12 << 20
+_CPU_CHUNK_MAX_K = 1536
+
+
+_ROW_CHUNKING = contextvars.ContextVar("tim_jax_row_chunking", default=True)
+
+
+@contextlib.contextmanager
+def row_chunking(enabled: bool):
+    """Trace-time switch for the CPU row chunking of large products (on by default). The
+    benchmark traces with it off to count FLOPs: XLA's cost analysis counts a loop body once."""
+    token = _ROW_CHUNKING.set(bool(enabled))
+    try:
+        yield
+    finally:
+        _ROW_CHUNKING.reset(token)
 
 
 def _row_chunks(spec, a, b, bias) -> int:
     """How many row chunks ``_forward`` splits a product into (1: none). Only on the CPU
     backend, for a first operand whose leading index leads the output, a row bias, and a
-    short contraction with a float32 result larger than _CPU_CHUNK_BYTES."""
+    short contraction with a float32 result larger than _CPU_CHUNK_MIN_BYTES."""
     sa, sb, out = _parse(spec)
-    if jax.default_backend() != "cpu" or sa[0] != out[0] or sa[0] in sb:
+    if (not _ROW_CHUNKING.get() or jax.default_backend() != "cpu" or sa[0] != out[0]
+            or sa[0] in sb):
         return 1
     if bias is not None and bias.ndim > 1:
         return 1
@@ -142,7 +162,7 @@ def _row_chunks(spec, a, b, bias) -> int:
     k = math.prod(sizes[c] for c in sa if c in sb and c not in out)
     out_bytes = 4 * math.prod(sizes[c] for c in out)
     m, chunks = a.shape[0], 1
-    if k >= _CPU_CHUNK_MAX_K:
+    if k > _CPU_CHUNK_MAX_K or out_bytes <= _CPU_CHUNK_MIN_BYTES:
         return 1
     while out_bytes // chunks > _CPU_CHUNK_BYTES and m % (2 * chunks) == 0 and chunks < 8:
         chunks *= 2
