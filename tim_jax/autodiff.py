@@ -20,14 +20,19 @@ _FORWARD_MODE = contextvars.ContextVar("tim_jax_forward_mode", default=False)
 
 
 @contextlib.contextmanager
-def forward_mode():
-    """Within this context (at trace time) the network ops use plain autodiff, so ``jax.jvp``
-    passes through them."""
-    token = _FORWARD_MODE.set(True)
+def trace_switch(var: contextvars.ContextVar, value):
+    """Sets the trace-time switch ``var`` to ``value`` within the context (restored after)."""
+    token = var.set(value)
     try:
         yield
     finally:
-        _FORWARD_MODE.reset(token)
+        var.reset(token)
+
+
+def forward_mode():
+    """Within this context (at trace time) the network ops use plain autodiff, so ``jax.jvp``
+    passes through them."""
+    return trace_switch(_FORWARD_MODE, True)
 
 
 def in_forward_mode() -> bool:

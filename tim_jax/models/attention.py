@@ -119,17 +119,9 @@ def _logits(q: Array, k: Array, scale: float) -> Array:
                     description="heads-first einsums, fp32 softmax normalised after PV, fused "
                                 "backward (default)")
 def _xla_attention(q, k, v, *, scale):
-    if in_forward_mode():
-        return _plain_attention(q, k, v, scale)
+    if in_forward_mode():  # plain jnp: jax.jvp passes through
+        return _attention_forward(q, k, v, scale)[0]
     return _fused_attention(q, k, v, scale)
-
-
-def _plain_attention(q, k, v, scale):
-    s = _logits(q, k, scale)
-    e = jnp.exp(s - jax.lax.stop_gradient(jnp.max(s, axis=-1, keepdims=True)))
-    denom = jnp.sum(e, axis=-1, keepdims=True)                      # (B, H, Lq, 1) fp32
-    o = matmul("bhqk,bhkd->bhqd", e, v, dtype=v.dtype)
-    return (o / denom).astype(q.dtype)
 
 
 def _attention_forward(q, k, v, scale):
@@ -138,7 +130,7 @@ def _attention_forward(q, k, v, scale):
     ``l`` (B, H, Lq, 1) float32."""
     dt = q.dtype
     s = einsum_f32("bhqd,bhkd->bhqk", q, k, dt) * scale
-    e = jnp.exp(s - jnp.max(s, axis=-1, keepdims=True))
+    e = jnp.exp(s - jax.lax.stop_gradient(jnp.max(s, axis=-1, keepdims=True)))
     l = jnp.sum(e, axis=-1, keepdims=True)
     e = e.astype(dt)
     o = (einsum_f32("bhqk,bhkd->bhqd", e, v, dt) / l).astype(dt)

@@ -179,14 +179,6 @@ class Dense(nnx.Module):
                    precision=self.precision, out_dtype=self.dtype,
                    bias=None if self.bias is None else self.bias[...])
         return y.reshape(*x.shape[:-1], self.out_features)
-        if bias is not None:
-            bias_offset = bias_offset + bias.astype(jnp.float32)
-        b = x.shape[0]
-        y = matmul("bmi,io->bmo", x.reshape(b, -1, x.shape[-1]), self.kernel[...],
-                   dtype=self.dtype, precision=self.precision, out_dtype=self.dtype,
-                   bias=bias_offset.reshape(b, 1, self.out_features) if bias_offset.ndim > 1
-                   else bias_offset)
-        return y.reshape(*x.shape[:-1], self.out_features)
 
 
 def layer_norm(x: Array, eps: float, scale: Array | None = None, bias: Array | None = None) -> Array:

@@ -41,7 +41,6 @@ operand appears in the other operand or in the output, so the reversed specs are
 """
 from __future__ import annotations
 
-import contextlib
 import contextvars
 import functools
 import math
@@ -49,7 +48,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from tim_jax.autodiff import in_forward_mode
+from tim_jax.autodiff import in_forward_mode, trace_switch
 
 Array = jax.Array
 
@@ -67,6 +66,16 @@ def _parse(spec: str) -> tuple[str, str, str]:
             raise ValueError(f"matmul spec {spec!r}: indices {sorted(missing)} of the {name} "
                              "operand are summed within it (not a matmul-type contraction)")
     return a, b, out
+
+
+def _fresh_index(spec: str) -> str:
+    """An index letter not used in ``spec``."""
+    return next(ch for ch in "zyxwvutsrqponmlkjihgfedcba" if ch not in spec)
+
+
+def _index_sizes(sa: str, sb: str, a, b) -> dict:
+    """Each index of the two operands -> its size."""
+    return {**dict(zip(sa, a.shape)), **dict(zip(sb, b.shape))}
 
 
 def einsum_f32(spec, a, b, dtype, precision=None):
@@ -95,7 +104,7 @@ def grad_einsum_f32(spec, a, b, dtype, precision=None):
         # (the weight gradient of a (B, N, in) input): merged into one index (a free reshape)
         run = "".join(contracted)
         if run in sa and run in sb:
-            merged = next(ch for ch in "zyxwvutsrqponmlkjihgfedcba" if ch not in spec)
+            merged = _fresh_index(spec)
             a = a.reshape(_merge_shape(a.shape, sa.index(run), len(run)))
             b = b.reshape(_merge_shape(b.shape, sb.index(run), len(run)))
             sa, sb = sa.replace(run, merged), sb.replace(run, merged)
@@ -105,7 +114,7 @@ def grad_einsum_f32(spec, a, b, dtype, precision=None):
         c = contracted[0]
         n = a.shape[sa.index(c)]
         if n % 2 == 0 and n >= 4:
-            new = next(ch for ch in "zyxwvutsrqponmlkjihgfedcba" if ch not in spec)
+            new = _fresh_index(spec)
             a = jax.lax.optimization_barrier(jnp.moveaxis(a.astype(dtype), sa.index(c), -1))
             sa = sa.replace(c, "") + c
             a = a.reshape(*a.shape[:-1], n // 2, 2)
@@ -137,15 +146,10 @@ _CPU_CHUNK_MAX_K = 1536
 _ROW_CHUNKING = contextvars.ContextVar("tim_jax_row_chunking", default=True)
 
 
-@contextlib.contextmanager
 def row_chunking(enabled: bool):
     """Trace-time switch for the CPU row chunking of large products (on by default). The
     benchmark traces with it off to count FLOPs: XLA's cost analysis counts a loop body once."""
-    token = _ROW_CHUNKING.set(bool(enabled))
-    try:
-        yield
-    finally:
-        _ROW_CHUNKING.reset(token)
+    return trace_switch(_ROW_CHUNKING, bool(enabled))
 
 
 def _row_chunks(spec, a, b, bias) -> int:
@@ -158,7 +162,7 @@ def _row_chunks(spec, a, b, bias) -> int:
         return 1
     if bias is not None and bias.ndim > 1:
         return 1
-    sizes = {**dict(zip(sa, a.shape)), **dict(zip(sb, b.shape))}
+    sizes = _index_sizes(sa, sb, a, b)
     k = math.prod(sizes[c] for c in sa if c in sb and c not in out)
     out_bytes = 4 * math.prod(sizes[c] for c in out)
     m, chunks = a.shape[0], 1
@@ -200,20 +204,21 @@ def _mm_fwd(spec, a, b, bias, dtype, precision, out_dtype, in_dtypes):
 def _mm_bwd(spec, dtype, precision, out_dtype, in_dtypes, res, g):
     del out_dtype
     a, b = res
-    a_dtype, b_dtype, bias_dtype = in_dtypes
+    a_dtype, b_dtype, bias_info = in_dtypes
     sa, sb, out = _parse(spec)
     dbias = None
-    if bias_dtype is not None:
-        bias_shape = bias_dtype[1]
+    if bias_info is not None:
+        bias_dtype, bias_shape = bias_info
         lead = g.ndim - len(bias_shape)
         axes = tuple(range(lead)) + tuple(lead + i for i, n in enumerate(bias_shape[:-1])
                                           if n == 1)
-        dbias = g.astype(jnp.float32).sum(axis=axes).reshape(bias_shape).astype(bias_dtype[0])
+        dbias = g.astype(jnp.float32).sum(axis=axes).reshape(bias_shape).astype(bias_dtype)
     g = g.astype(dtype)
     # The output in the order dot_general produces (batch, a's free, b's free): an output
     # written in another order (the heads-first projections) is transposed back ONCE here
     # instead of inside each of the two gradient matmuls.
-    canon = ("".join(c for c in sa if c in sb and c in out) + "".join(c for c in sa if c in out and c not in sb)
+    canon = ("".join(c for c in sa if c in sb and c in out)
+             + "".join(c for c in sa if c in out and c not in sb)
              + "".join(c for c in sb if c in out and c not in sa))
     if canon != out:
         g = jnp.transpose(g, [out.index(c) for c in canon])
@@ -231,15 +236,16 @@ def matmul(spec: str, a: Array, b: Array, *, dtype=jnp.float32, precision=None,
     """``(einsum(spec, a, b) + bias).astype(out_dtype)``: both operands cast to ``dtype``,
     float32 accumulation, the bias added in float32 before the single rounding to
     ``out_dtype``. ``bias`` is (N,) for an output (..., N), or any shape that broadcasts to the
-    output with its last axis full, e.g. (B, 1, N): one bias row per sample. The gradients are ``dtype x dtype -> float32`` matmuls too
-    (see the module docstring); inside :func:`forward_mode` it is plain autodiff."""
+    output with its last axis full, e.g. (B, 1, N): one bias row per sample. The gradients are
+    ``dtype x dtype -> float32`` matmuls too (see the module docstring); inside
+    :func:`forward_mode` it is plain autodiff."""
     spec = spec.replace(" ", "")
     sa, sb, out = _parse(spec)
     if len(sa) != a.ndim or len(sb) != b.ndim:
         raise ValueError(f"matmul spec {spec!r} does not fit operands of shapes {a.shape}, "
                          f"{b.shape}")
     if bias is not None:
-        sizes = {**dict(zip(sa, a.shape)), **dict(zip(sb, b.shape))}
+        sizes = _index_sizes(sa, sb, a, b)
         out_shape = tuple(sizes[i] for i in out)
         fits = (0 < bias.ndim <= len(out_shape) and bias.shape[-1] == out_shape[-1] and all(
             n in (1, m) for n, m in zip(bias.shape[::-1], out_shape[::-1])))
