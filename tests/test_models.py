@@ -9,6 +9,7 @@ Tolerances are relative to the output scale (max |ref|) and stated per test.
 """
 import json
 import math
+import re
 import types
 
 import jax
@@ -657,6 +658,39 @@ def test_fused_attention_gradient_matches_float64_reference():
         assert ours.dtype == jnp.bfloat16
         err = np.abs(np.asarray(ours, np.float32) - np.asarray(ref))
         assert err.max() <= 0.03 * np.abs(np.asarray(ref)).max() + 1e-2, err.max()
+
+
+def _dot_operand_dtypes(hlo_text: str):
+    """(lhs dtype, rhs dtype, op_name) of every dot in an optimized HLO module's text."""
+    out = []
+    for m in re.finditer(r"\bdot\(%([\w.\-]+), %([\w.\-]+)\)(.*)", hlo_text):
+        scope = hlo_text[hlo_text.rfind("\n%", 0, m.start()):m.start()]  # its computation
+
+        def dtype(name):
+            d = re.search(r"%" + re.escape(name) + r" = (\w+)\[", scope)
+            return d.group(1) if d else "?"
+
+        op = re.search(r'op_name="([^"]*)"', m.group(3))
+        out.append((dtype(m.group(1)), dtype(m.group(2)), op.group(1) if op else ""))
+    return out
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="an XLA:CPU layout rule")
+def test_bf16_attention_dots_stay_bf16_in_the_backward(tiny):
+    """Every attention product of the bf16 model's gradient is a bf16 x bf16 dot in the
+    compiled program. The attention cotangent dO reaches the backward as a transpose of the
+    output projection's input gradient; without ``attention._dp_product``'s split of the
+    head dim XLA upcast ``dP = dO V^T`` to a float32 dot (10x slower on CPU)."""
+    cfg = model_config("c2i_tiny", dtype="bfloat16")
+    graphdef, _ = abstract_model(cfg)
+    params = params_from_pure_dict(cfg, tiny["pure"])
+    apply_fn = make_apply_fn(graphdef)
+    x, t, r, y = _case(tiny["io"])
+    grad = jax.jit(jax.grad(lambda p: jnp.mean(apply_fn(p, x, t, r, y) ** 2)))
+    dots = _dot_operand_dtypes(grad.lower(params).compile().as_text())
+    attn = [d for d in dots if re.search(r"\(bh\w*,bh\w*->bh\w*\)", d[2])]
+    assert len(attn) >= 6 * cfg.depth, dots  # forward QK, PV; backward dP, dQ, dV, dK
+    assert all(d[:2] == ("bf16", "bf16") for d in attn), [d for d in attn if "f32" in d[:2]]
 
 
 def test_project_heads_equals_dense_then_head_split():

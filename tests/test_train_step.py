@@ -186,6 +186,37 @@ def probe_step(setup, k):
     return _STEPS[k]
 
 
+def test_clip_reusing_the_norm_equals_optax_clip():
+    """optim.clip_by_global_norm with the caller's norm (as the train step passes it), and
+    without it, gives optax.clip_by_global_norm's updates bit for bit, clipped or not, alone
+    and inside the chain of make_optimizer (same state tree as optax's chain)."""
+    import optax
+
+    for scale in (1e-3, 10.0):  # global norm below / above the threshold 1.0
+        grads = {"w": scale * jnp.arange(12.0).reshape(3, 4) - 1.0, "b": scale * jnp.ones(4)}
+        norm = optax.tree.norm(grads)
+        expect, _ = optax.clip_by_global_norm(1.0).update(grads, optax.EmptyState())
+        clip = optim.clip_by_global_norm(1.0)
+        for got in (clip.update(grads, clip.init(grads), grad_norm=norm)[0],
+                    clip.update(grads, clip.init(grads))[0]):
+            jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+                         got, expect)
+        cfg = tiny_config()
+        tx, _ = optim.make_optimizer(cfg)
+        ref = optax.chain(optax.clip_by_global_norm(1.0),
+                          optax.adamw(optim.make_schedule(cfg), b1=0.9, b2=0.95, eps=1e-6,
+                                      weight_decay=0.01))
+        params = jax.tree.map(jnp.ones_like, grads)
+        state, ref_state = tx.init(params), ref.init(params)
+        assert jax.tree.structure(state) == jax.tree.structure(ref_state)
+        got, _ = tx.update(grads, state, params, grad_norm=norm)
+        want, _ = ref.update(grads, ref_state, params)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9),
+                     got, want)
+    with pytest.raises(ValueError, match="grad_norm must be a scalar"):
+        optim.clip_by_global_norm(1.0).update(grads, optax.EmptyState(), grad_norm=jnp.ones(2))
+
+
 def test_rng_of_step_k_is_fold_in_seed_k(setup):
     """The step's draws depend only on (seed, step): a restarted state repeats them."""
     cfg, mesh, state0, shardings, graphdef, _ = setup

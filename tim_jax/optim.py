@@ -14,6 +14,8 @@ Public API
                                 cosine decay to end_lr_ratio * peak at decay_steps)
 ``make_optimizer(config)``   -> (optax.GradientTransformation, schedule):
                                 chain(clip_by_global_norm(grad_clip), adamw(schedule, ...))
+``clip_by_global_norm(max_norm)`` -> optax's clip, but it takes the norm the caller already has:
+                                ``tx.update(grads, state, params, grad_norm=norm)``
 
 Gradient accumulation is NOT done here (no ``optax.MultiSteps``): the train step averages the
 micro-batch gradients itself inside one jit, so one optimizer update = one TrainState.step.
@@ -22,12 +24,14 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+import jax
 import jax.numpy as jnp
 import optax
 
 SCHEDULES = ("constant", "warmup_cosine")
 
-__all__ = ["SCHEDULES", "effective_lr", "make_schedule", "make_optimizer"]
+__all__ = ["SCHEDULES", "effective_lr", "make_schedule", "make_optimizer",
+           "clip_by_global_norm"]
 
 
 def effective_lr(config: Any) -> float:
@@ -68,6 +72,28 @@ def make_schedule(config: Any) -> Callable[[Any], Any]:
     raise ValueError(f"optim.schedule must be one of {SCHEDULES}, got {op.schedule!r}")
 
 
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformationExtraArgs:
+    """``optax.clip_by_global_norm(max_norm)`` (same state, same arithmetic: ``g`` when
+    ``norm < max_norm``, else ``g / norm * max_norm``) that takes the global norm as the extra
+    argument ``grad_norm`` when the caller has it: the train step computes it anyway (metrics,
+    finiteness check), and a second reduction over every gradient is one more full pass over
+    them, ~25 % of the AdamW + EMA update of TiM-B/4 on CPU (the update is memory-bound). Without
+    ``grad_norm`` it computes the norm itself, like optax. ``optax.chain`` forwards the extra
+    argument; transformations that do not take it ignore it."""
+    max_norm = float(max_norm)
+
+    def update_fn(updates, state, params=None, *, grad_norm=None, **extra_args):
+        del params, extra_args
+        norm = optax.tree.norm(updates) if grad_norm is None else jnp.asarray(grad_norm)
+        if norm.ndim != 0:
+            raise ValueError(f"grad_norm must be a scalar, got shape {norm.shape}")
+        keep = norm < max_norm
+        return jax.tree.map(
+            lambda g: jax.lax.select(keep, g, g / norm.astype(g.dtype) * max_norm), updates), state
+
+    return optax.GradientTransformationExtraArgs(optax.init_empty_state, update_fn)
+
+
 def make_optimizer(config: Any) -> tuple[optax.GradientTransformation, Callable[[Any], Any]]:
     """``(tx, schedule)``: ``chain(clip_by_global_norm(optim.grad_clip), adamw(schedule))``.
 
@@ -87,5 +113,5 @@ def make_optimizer(config: Any) -> tuple[optax.GradientTransformation, Callable[
     adamw = optax.adamw(schedule, b1=float(op.b1), b2=float(op.b2), eps=float(op.eps),
                         weight_decay=float(op.weight_decay), mu_dtype=jnp.float32)
     if op.grad_clip > 0:
-        return optax.chain(optax.clip_by_global_norm(float(op.grad_clip)), adamw), schedule
+        return optax.chain(clip_by_global_norm(float(op.grad_clip)), adamw), schedule
     return adamw, schedule

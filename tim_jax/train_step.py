@@ -235,7 +235,11 @@ def train_step_fn(config: Any, graphdef, *, tx: optax.GradientTransformation,
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
         def apply_update(state, grads):
-            updates, opt_state = tx.update(grads, state.opt_state, state.params)
+            # the norm is passed on: the clip of optim.make_optimizer reuses it instead of a
+            # second reduction over all gradients (a plain optax transformation takes no extras)
+            extra = ({"grad_norm": grad_norm}
+                     if isinstance(tx, optax.GradientTransformationExtraArgs) else {})
+            updates, opt_state = tx.update(grads, state.opt_state, state.params, **extra)
             params = optax.apply_updates(state.params, updates)
             ema = {key: optax.incremental_update(params, state.ema_params[key], 1.0 - d)
                    for key, d in ((ema_key(d), d) for d in decays)}
