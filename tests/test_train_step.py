@@ -188,8 +188,9 @@ def probe_step(setup, k):
 
 def test_clip_reusing_the_norm_equals_optax_clip():
     """optim.clip_by_global_norm with the caller's norm (as the train step passes it), and
-    without it, gives optax.clip_by_global_norm's updates bit for bit, clipped or not, alone
-    and inside the chain of make_optimizer (same state tree as optax's chain)."""
+    without it, gives optax.clip_by_global_norm's updates: bit for bit when not clipped, within
+    1 ulp when clipped (a scalar factor instead of optax's per-element division), alone and
+    inside the chain of make_optimizer (same state tree as optax's chain)."""
     import optax
 
     for scale in (1e-3, 10.0):  # global norm below / above the threshold 1.0
@@ -199,8 +200,9 @@ def test_clip_reusing_the_norm_equals_optax_clip():
         clip = optim.clip_by_global_norm(1.0)
         for got in (clip.update(grads, clip.init(grads), grad_norm=norm)[0],
                     clip.update(grads, clip.init(grads))[0]):
-            jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
-                         got, expect)
+            jax.tree.map(lambda a, b: np.testing.assert_allclose(
+                np.asarray(a), np.asarray(b), rtol=0 if scale < 1 else 2.5e-7, atol=0),
+                got, expect)
         cfg = tiny_config()
         tx, _ = optim.make_optimizer(cfg)
         ref = optax.chain(optax.clip_by_global_norm(1.0),
