@@ -14,8 +14,8 @@ Public API
                                 cosine decay to end_lr_ratio * peak at decay_steps)
 ``make_optimizer(config)``   -> (optax.GradientTransformation, schedule):
                                 chain(clip_by_global_norm(grad_clip), adamw(schedule, ...))
-``clip_by_global_norm(max_norm)`` -> optax's clip, but it takes the norm the caller already has:
-                                ``tx.update(grads, state, params, grad_norm=norm)``
+``clip_by_global_norm(max_norm)`` -> optax's clip rule as one scalar factor; it takes the norm
+                                the caller already has: ``tx.update(..., grad_norm=norm)``
 
 Gradient accumulation is NOT done here (no ``optax.MultiSteps``): the train step averages the
 micro-batch gradients itself inside one jit, so one optimizer update = one TrainState.step.

@@ -179,9 +179,10 @@ def _dp_product(g_l: Array, v: Array, dt) -> Array:
     elementwise consumers inherit it, and XLA:CPU's operand upcaster turns a bf16 dot with such
     an operand into a float32 dot (~60 instead of ~600 GFLOP/s). Contracting the head dim as
     (Dh/2, 2), a reshape XLA keeps, gives the dot a row-major operand and keeps it in bf16;
-    the sum is the same up to float32 summation order."""
+    the sum is the same up to float32 summation order. float32 operands are not upcast and
+    keep the plain product (as in ``matmul.grad_einsum_f32``)."""
     d = g_l.shape[-1]
-    if d % 2:
+    if d % 2 or jnp.dtype(dt) == jnp.float32:
         return einsum_f32("bhqd,bhkd->bhqk", g_l, v, dt)
     split = lambda x: x.reshape(*x.shape[:-1], d // 2, 2)  # noqa: E731
     return einsum_f32("bhqzy,bhkzy->bhqk", split(g_l), split(v), dt)
