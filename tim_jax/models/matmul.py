@@ -1,7 +1,9 @@
 """THE matmul of the TiM networks: ``matmul(spec, a, b, dtype=..., bias=..., out_dtype=...)``,
 a two-operand einsum with both operands cast to the compute ``dtype``, float32 accumulation, an
 optional bias added in float32 and one rounding to ``out_dtype``. Every Dense layer, the patch
-embedding and the attention products go through it.
+embedding and the attention products go through it; the SwiGLU input projection goes through
+``layers.dense_silu_glu``, which shares its forward product and its backward
+(:func:`matmul_grads`).
 
 It carries a ``jax.custom_vjp`` because plain autodiff gets mixed precision and CPU layouts
 wrong in the backward pass (measured with jax 0.10.2 on this project's 2-core Xeon with
@@ -203,9 +205,18 @@ def _mm_fwd(spec, a, b, bias, dtype, precision, out_dtype, in_dtypes):
 
 def _mm_bwd(spec, dtype, precision, out_dtype, in_dtypes, res, g):
     del out_dtype
-    a, b = res
-    a_dtype, b_dtype, bias_info = in_dtypes
+    return matmul_grads(spec, *res, g, dtype=dtype, precision=precision, in_dtypes=in_dtypes)
+
+
+def matmul_grads(spec: str, a: Array, b: Array, g: Array, *, dtype, precision=None,
+                 in_dtypes) -> tuple:
+    """The backward pass of :func:`matmul`: ``(da, db, dbias)`` for the cotangent ``g`` of its
+    output, for custom VJPs that end in a matmul (``layers.dense_silu_glu``). ``a``, ``b``: the
+    operands already cast to ``dtype``; ``in_dtypes = (a_dtype, b_dtype, bias_info)`` with
+    ``bias_info`` None (no bias, dbias None) or ``(bias_dtype, bias_shape)``. Each gradient
+    comes back in its operand's original dtype."""
     sa, sb, out = _parse(spec)
+    a_dtype, b_dtype, bias_info = in_dtypes
     dbias = None
     if bias_info is not None:
         bias_dtype, bias_shape = bias_info
