@@ -159,6 +159,31 @@ def skip_without_torch_or_official():
         pytest.skip(f"no official TiM checkout at {OFFICIAL_REPO} (set TIM_JAX_OFFICIAL_REPO)")
 
 
+def test_gemm_cases_of_s2_and_jax_timing():
+    """The GEMM comparison's products follow the config (S/2 at batch 16: 4096 tokens, width
+    384, SwiGLU hidden 1024, 6 heads of 64 over 256 tokens), and every kind times on JAX."""
+    cfg = c2i_s2_256.get_config()
+    cfg.data.global_batch_size = 16
+    cases = {c["name"]: c for c in bench.gemm_cases(cfg)}
+    assert cases["MLP fc1 + SiLU-GLU"] == dict(name="MLP fc1 + SiLU-GLU", kind="linear_glu",
+                                               t=4096, i=384, o=2048)
+    assert cases["qkv weight gradient"]["o"] == 3 * 384
+    assert cases["attention logits"] == dict(name="attention logits", kind="logits", b=96,
+                                             l=256, d=64)
+    assert bench.gemm_shape(cases["fc1 weight gradient"]) == "(384x4096)(4096x2048)"
+    assert {c["kind"] for c in cases.values()} == set(bench.GEMM_KINDS)
+    small = [dict(name="a", kind="linear", t=8, i=4, o=6),
+             dict(name="g", kind="linear_glu", t=8, i=4, o=6),
+             dict(name="b", kind="weight_grad", t=8, i=4, o=6),
+             dict(name="c", kind="input_grad", t=8, i=4, o=6),
+             dict(name="d", kind="logits", b=2, l=8, d=4)]
+    for case in small:
+        for dtype in ("float32", "bfloat16"):
+            assert bench.time_jax_gemm(case, dtype, reps=2) > 0
+    with pytest.raises(ValueError, match="GEMM kind"):
+        bench.time_jax_gemm(dict(name="x", kind="conv", t=1, i=1, o=1), "float32")
+
+
 @pytest.mark.torch
 def test_torch_device_cuda_without_cuda_fails_early(capsys, monkeypatch):
     """``--torch-device cuda`` where torch sees no GPU: exit 2 naming the problem, before the
@@ -180,7 +205,16 @@ def test_torch_device_cuda_without_cuda_fails_early(capsys, monkeypatch):
 def test_official_side_by_side_on_debug_config():
     skip_without_torch_or_official()
     report, res = run_cli("official", *FAST, "--rounds", "2", "--round_steps", "1",
+                          "--gemm-rounds", "1", "--gemm-reps", "2",
                           "--official-repo", OFFICIAL_REPO, "--torch-python", TORCH_PYTHON)
+    gemms = res["gemms"]
+    assert [g["name"] for g in gemms] == [c["name"] for c in
+                                          bench.gemm_cases(debug_cpu.get_config())]
+    for g in gemms:
+        assert g["jax_s"] > 0 and g["torch_s"] > 0 and g["dtype"] == "float32"
+        assert math.isclose(g["ratio"], g["torch_s"] / g["jax_s"], rel_tol=1e-9)
+        row = [ln for ln in report.splitlines() if ln.startswith(g["name"])]
+        assert len(row) == 1 and g["shape"] in row[0], report
     check_train_result(res["jax"], report, debug_cpu.get_config().data.global_batch_size)
     t = res["torch"]
     assert t["n_params"] == res["jax"]["n_params"]   # same architecture on both sides

@@ -5,7 +5,7 @@
     python -m tim_jax.bench official --config configs/c2i_s2_256.py \
         --config.data.global_batch_size=16 --official-repo /path/to/TiM \
         --torch-python /path/to/torch-venv/bin/python [--rounds 4] [--round-steps 2] \
-        [--torch-device cuda]
+        [--torch-device cuda] [--gemm-rounds 3]
 
 **train** builds the real training state and the whole jitted step of :mod:`tim_jax.train_step`
 (full objective as configured: DDE or JVP derivative, REPA against ``z_dim`` targets, label
@@ -32,7 +32,10 @@ attention, ``TransitionSchedule``, AdamW, clipping and EMA, same sizes and batch
 with the other process idle, and the speed-up is the median over rounds of
 ``torch round median / jax round median``, which cancels most of the machine's slow drift.
 ``--torch-device`` (``cpu``, the default, or ``cuda``) is where the official step runs; JAX
-always uses its default backend. On a GPU machine (``launch/bench_gpu.sh`` runs this) use::
+always uses its default backend. ``--gemm-rounds k`` then also times the step's main GEMMs
+alone (:func:`gemm_cases`: the linear layers, the largest weight and input gradients, the
+attention logits) on both sides in the compute dtype, interleaved per product, and prints
+torch/jax per product: the step's gap split by library. On a GPU machine (``launch/bench_gpu.sh`` runs this) use::
 
     TIM_JAX_NO_REEXEC=1 XLA_PYTHON_CLIENT_PREALLOCATE=false python -m tim_jax.bench official \
         ... --torch-device cuda --peak_n 8192
@@ -79,7 +82,7 @@ import numpy as np
 __all__ = [
     "matmul_peak", "step_stats", "compiled_costs", "JaxStepBench", "build_jax_bench",
     "official_spec", "TorchOfficialStep", "run_train_bench", "run_official_bench",
-    "format_train_report", "format_official_report", "main",
+    "format_train_report", "format_official_report", "gemm_cases", "time_jax_gemm", "main",
 ]
 
 RESULT_PREFIX = "BENCH_RESULT "
@@ -394,6 +397,91 @@ def official_spec(config, official_repo: str, *, attn_type: str = "fused_attn",
     }
 
 
+# ----------------------------------------------------------------------------------------------
+# the step's GEMMs alone (official mode, --gemm_rounds): where the two libraries differ
+GEMM_KINDS = ("linear", "linear_glu", "weight_grad", "input_grad", "logits")
+
+
+def gemm_cases(config) -> list[dict]:
+    """The main GEMMs of a c2i config's train step at its global batch, as both frameworks run
+    them: ``kind`` "linear" (x (t, i) times a weight to (t, o), bias added, rounded to the
+    compute dtype), "linear_glu" (the same to (t, 2h), then SiLU-GLU to (t, h): the SwiGLU
+    input projection with its activation), "weight_grad" (x^T g: (i, o) from x (t, i) and g (t, o)), "input_grad"
+    (g W^T: (t, i)) and "logits" (q k^T of the attention: (b, l, l) from (b, l, d))."""
+    from tim_jax.models.c2i import mlp_hidden_features
+
+    m = config.model
+    if m.kind != "c2i":
+        raise ValueError(f"the GEMM comparison supports model.kind='c2i' only, got {m.kind!r}")
+    b = int(config.data.global_batch_size)
+    n = (int(m.input_size) // int(m.patch_size)) ** 2
+    d, heads = int(m.hidden_size), int(m.num_heads)
+    h = mlp_hidden_features(d, float(m.mlp_ratio))
+    t = b * n
+    return [
+        dict(name="qkv projection", kind="linear", t=t, i=d, o=3 * d),
+        dict(name="attention out proj", kind="linear", t=t, i=d, o=d),
+        dict(name="MLP fc1 + SiLU-GLU", kind="linear_glu", t=t, i=d, o=2 * h),
+        dict(name="MLP fc2", kind="linear", t=t, i=h, o=d),
+        dict(name="fc1 weight gradient", kind="weight_grad", t=t, i=d, o=2 * h),
+        dict(name="fc1 input gradient", kind="input_grad", t=t, i=d, o=2 * h),
+        dict(name="qkv weight gradient", kind="weight_grad", t=t, i=d, o=3 * d),
+        dict(name="attention logits", kind="logits", b=b * heads, l=n, d=d // heads),
+    ]
+
+
+def gemm_shape(case: dict) -> str:
+    if case["kind"] == "logits":
+        return f"{case['b']} x ({case['l']}x{case['d']})({case['d']}x{case['l']})"
+    t, i, o = case["t"], case["i"], case["o"]
+    return {"linear": f"({t}x{i})({i}x{o})", "linear_glu": f"({t}x{i})({i}x{o})",
+            "weight_grad": f"({i}x{t})({t}x{o})",
+            "input_grad": f"({t}x{o})({o}x{i})"}[case["kind"]]
+
+
+def time_jax_gemm(case: dict, dtype, reps: int = 7) -> float:
+    """Median seconds of ``reps`` calls (after one untimed) of one :func:`gemm_cases` product
+    as the tim_jax networks compute it: :func:`tim_jax.models.matmul.matmul` (forward, with
+    bias and rounding), the forward of :func:`tim_jax.models.layers.dense_silu_glu`, or the
+    backward products (``grad_einsum_f32``)."""
+    from tim_jax.models import layers
+    from tim_jax.models import matmul as mm
+
+    if case["kind"] not in GEMM_KINDS:
+        raise ValueError(f"GEMM kind {case['kind']!r}; allowed: {GEMM_KINDS}")
+    dt = jnp.dtype(dtype)
+    keys = jax.random.split(jax.random.key(0), 3)
+    if case["kind"] == "logits":
+        shape = (case["b"], case["l"], case["d"])
+        args = [jax.random.normal(k, shape, dt) for k in keys[:2]]
+        fn = lambda q, k: mm.einsum_f32("bqd,bkd->bqk", q, k, dt)  # noqa: E731
+    else:
+        t, i, o = case["t"], case["i"], case["o"]
+        x = jax.random.normal(keys[0], (t, i), dt)
+        w = jax.random.normal(keys[1], (i, o), jnp.float32) * 0.05
+        g = jax.random.normal(keys[2], (t, o), dt)
+        if case["kind"] == "linear":
+            args = [x, w, jnp.zeros((o,), jnp.float32)]
+            fn = lambda x, w, c: mm.matmul("ti,io->to", x, w, dtype=dt, bias=c, out_dtype=dt)  # noqa: E731
+        elif case["kind"] == "linear_glu":
+            args = [x, w, jnp.zeros((o,), jnp.float32)]
+            fn = lambda x, w, c: layers._dense_glu_forward(x, w, c, dt, None)[0]  # noqa: E731
+        elif case["kind"] == "weight_grad":
+            args = [x, g]
+            fn = lambda x, g: mm.grad_einsum_f32("ti,to->io", x, g, dt)  # noqa: E731
+        else:
+            args = [g, w.astype(dt)]
+            fn = lambda g, w: mm.grad_einsum_f32("to,io->ti", g, w, dt)  # noqa: E731
+    f = jax.jit(fn)
+    jax.block_until_ready(f(*args))
+    times = []
+    for _ in range(reps):
+        s = time.perf_counter()
+        jax.block_until_ready(f(*args))
+        times.append(time.perf_counter() - s)
+    return statistics.median(times)
+
+
 class TorchOfficialStep:
     """The official step in a subprocess of ``torch_python`` (see :mod:`tim_jax.bench_torch_driver`).
 
@@ -454,6 +542,12 @@ class TorchOfficialStep:
         """torch's fp32 matmul speed on the spec's device, measured like :func:`matmul_peak`."""
         return self._ask({"op": "peak", "n": int(n), "reps": int(reps)})
 
+    def gemm(self, case: dict, dtype: str, reps: int = 7) -> float:
+        """Median seconds of one :func:`gemm_cases` product in torch (``dtype`` operands, as
+        autocast runs it), measured like :func:`time_jax_gemm`."""
+        return float(self._ask({"op": "gemm", "case": case, "dtype": str(dtype),
+                                "reps": int(reps)})["median_s"])
+
     def close(self) -> None:
         if self.proc.poll() is None:
             try:
@@ -475,7 +569,8 @@ class TorchOfficialStep:
 def run_official_bench(config, *, official_repo: str, torch_python: str, rounds: int = 4,
                        round_steps: int = 2, warmup: int = 2, peak_n: int = 2048,
                        peak_reps: int = 7, torch_flops: bool = False,
-                       torch_threads: int = 0, torch_device: str = "cpu") -> dict:
+                       torch_threads: int = 0, torch_device: str = "cpu",
+                       gemm_rounds: int = 0, gemm_reps: int = 7) -> dict:
     """Paired, interleaved tim_jax vs official-torch benchmark; returns the result dict.
 
     ``torch_device``: where the official step runs (``"cpu"`` or ``"cuda"``; see the module
@@ -492,11 +587,15 @@ def run_official_bench(config, *, official_repo: str, torch_python: str, rounds:
     (median of the per-round ratios torch/jax; > 1 means tim_jax is faster) and its
     ``speedup_min`` / ``speedup_max`` over rounds, ``speedup_best`` (fastest torch step /
     fastest tim_jax step: the least load-sensitive figure on a shared machine),
-    ``loadavg_start`` / ``loadavg_end``.
+    ``loadavg_start`` / ``loadavg_end``. With ``gemm_rounds > 0`` also ``gemms``: per
+    :func:`gemm_cases` product ``jax_s`` / ``torch_s`` (medians over rounds of each side's
+    median of ``gemm_reps`` calls, interleaved per product and round) and ``ratio`` (median of
+    the per-round torch/jax; > 1: XLA faster), in the config's compute dtype.
     """
-    if rounds < 1 or round_steps < 1 or warmup < 0:
-        raise ValueError(f"--rounds and --round-steps must be >= 1 and --warmup >= 0, got "
-                         f"{rounds}, {round_steps}, {warmup}")
+    if rounds < 1 or round_steps < 1 or warmup < 0 or gemm_rounds < 0 or gemm_reps < 1:
+        raise ValueError(f"--rounds, --round-steps and --gemm-reps must be >= 1 and --warmup, "
+                         f"--gemm-rounds >= 0, got {rounds}, {round_steps}, {gemm_reps}, "
+                         f"{warmup}, {gemm_rounds}")
     load0 = _loadavg()
     if torch_device not in ("cpu", "cuda"):
         raise ValueError(f"--torch-device must be 'cpu' or 'cuda', got {torch_device!r}")
@@ -526,6 +625,20 @@ def run_official_bench(config, *, official_repo: str, torch_python: str, rounds:
                               "first": order[0]})
             jax_times += got["jax"]
             torch_times += got["torch"]
+        gemms = []
+        if gemm_rounds:
+            dtype = str(config.model.get("dtype", "float32"))
+            for case in gemm_cases(config):
+                js, ts = [], []
+                for i in range(gemm_rounds):
+                    for who in (("jax", "torch") if i % 2 == 0 else ("torch", "jax")):
+                        if who == "jax":
+                            js.append(time_jax_gemm(case, dtype, gemm_reps))
+                        else:
+                            ts.append(torch_step.gemm(case, dtype, gemm_reps))
+                gemms.append({**case, "shape": gemm_shape(case), "dtype": dtype,
+                              "jax_s": statistics.median(js), "torch_s": statistics.median(ts),
+                              "ratio": statistics.median(t / j for t, j in zip(ts, js))})
         info = torch_step.info
     jax_res = _train_result(config, bench, jax_times, peaks, minflt / len(jax_times), load0)
     b = int(config.data.global_batch_size)
@@ -547,7 +660,8 @@ def run_official_bench(config, *, official_repo: str, torch_python: str, rounds:
     if t_flops is not None:
         torch_res["flops"] = t_flops
     ratios = [r["ratio"] for r in per_round]
-    return {"jax": jax_res, "torch": torch_res, "rounds": per_round,
+    extra = {"gemms": gemms} if gemm_rounds else {}
+    return {"jax": jax_res, "torch": torch_res, "rounds": per_round, **extra,
             "speedup": statistics.median(ratios), "speedup_min": min(ratios),
             "speedup_max": max(ratios), "speedup_best": tst["min"] / jax_res["step_s"]["min"],
             "loadavg_start": load0, "loadavg_end": _loadavg()}
@@ -595,6 +709,14 @@ def format_official_report(res: dict) -> str:
               "tim_jax step)",
               f"tim_jax floor mult: {j['floor_multiple']:.2f}x",
               f"load average      : start {res['loadavg_start']}, end {res['loadavg_end']}"]
+    if res.get("gemms"):
+        g0 = res["gemms"][0]
+        lines += ["", f"== the step's GEMMs alone ({g0['dtype']} operands, same shapes; "
+                      "torch/jax > 1: XLA faster) ==",
+                  f"{'product':22s} {'shape':28s} {'tim_jax ms':>10s} {'torch ms':>9s} "
+                  f"{'torch/jax':>9s}"]
+        lines += [f"{g['name']:22s} {g['shape']:28s} {1e3 * g['jax_s']:10.3f} "
+                  f"{1e3 * g['torch_s']:9.3f} {g['ratio']:9.3f}" for g in res["gemms"]]
     return "\n".join(lines)
 
 
@@ -627,6 +749,10 @@ def _parse(argv: Sequence[str]):
                       "step (JAX uses its default backend); with cuda also pass --peak_n 8192 and "
                       "set TIM_JAX_NO_REEXEC=1 XLA_PYTHON_CLIENT_PREALLOCATE=false (see the "
                       "module docstring)", flag_values=fv)
+    flags.DEFINE_integer("gemm_rounds", 0, "official: also time the step's main GEMMs alone "
+                         "on both sides, this many interleaved rounds (0: off)", flag_values=fv)
+    flags.DEFINE_integer("gemm_reps", 7, "official: calls per GEMM and round (median)",
+                         flag_values=fv)
     flags.DEFINE_string("json", None, "also write the result JSON to this file", flag_values=fv)
     # accept the dashed spellings (--official-repo) as well as absl's underscores
     norm = []
@@ -671,7 +797,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                      round_steps=fv["round_steps"].value,
                                      torch_flops=fv["torch_flops"].value,
                                      torch_threads=fv["torch_threads"].value,
-                                     torch_device=fv["torch_device"].value, **common)
+                                     torch_device=fv["torch_device"].value,
+                                     gemm_rounds=fv["gemm_rounds"].value,
+                                     gemm_reps=fv["gemm_reps"].value, **common)
             report = format_official_report(res)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)

@@ -45,6 +45,8 @@ stdin line is a JSON command, answered by one JSON line:
 * ``{"op": "peak", "n": 2048, "reps": 7}`` -> ``{"flops_per_s", "median_s", "n", "reps"}``: torch's
   fp32 matmul speed on the device (to compare with XLA's, measured the same way; on CUDA, with
   TF32 allowed, also ``"device"``: the GPU's name).
+* ``{"op": "gemm", "case": {...}, "dtype": "bfloat16", "reps": 7}`` -> ``{"median_s"}``: one
+  GEMM of the step alone, as torch runs it (``tim_jax.bench.gemm_cases`` lists them).
 * ``{"op": "flops"}`` -> ``{"flops": int}``: one step under ``torch.utils.flop_counter``
   (matmuls and attention only).
 * ``{"op": "quit"}`` -> exits.
@@ -227,6 +229,47 @@ def _matmul_peak(torch, n: int, reps: int, device: str = "cpu") -> dict:
     return out
 
 
+def _gemm_time(torch, case: dict, dtype: str, reps: int, device: str = "cpu") -> float:
+    """Median seconds of ``reps`` calls (after one untimed) of one GEMM of the step as torch
+    runs it (``tim_jax.bench.gemm_cases`` kinds; operands in ``dtype``, as autocast casts
+    them): ``linear`` = F.linear with a (o, i) weight and bias; ``linear_glu`` = that, then
+    ``silu(gate) * value`` of its two halves (the timm SwiGLU); ``weight_grad`` = g^T x (the
+    Linear weight gradient); ``input_grad`` = g W; ``logits`` = q k^T."""
+    dev = torch.device(device)
+    dt = {"bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]
+    kind = case["kind"]
+    with torch.no_grad():
+        if kind == "logits":
+            q, k = (torch.randn(case["b"], case["l"], case["d"], device=dev, dtype=dt)
+                    for _ in range(2))
+            fn = lambda: q @ k.transpose(-1, -2)  # noqa: E731
+        else:
+            t, i, o = case["t"], case["i"], case["o"]
+            x = torch.randn(t, i, device=dev, dtype=dt)
+            w = torch.randn(o, i, device=dev, dtype=dt) * 0.05
+            g = torch.randn(t, o, device=dev, dtype=dt)
+            bias = torch.zeros(o, device=dev, dtype=dt)
+            F = torch.nn.functional
+
+            def glu():
+                gate, value = F.linear(x, w, bias).chunk(2, dim=-1)
+                return F.silu(gate) * value
+
+            fn = {"linear": lambda: F.linear(x, w, bias), "linear_glu": glu,
+                  "weight_grad": lambda: g.t() @ x,
+                  "input_grad": lambda: g @ w}[kind]
+        fn()
+        _sync(torch, dev)
+        ts = []
+        for _ in range(reps):
+            s = time.perf_counter()
+            fn()
+            _sync(torch, dev)
+            ts.append(time.perf_counter() - s)
+    ts.sort()
+    return ts[len(ts) // 2]
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--spec", required=True, help="JSON: official_repo, model, transport, ...")
@@ -278,6 +321,9 @@ def main(argv=None) -> int:
         elif cmd["op"] == "peak":
             _write(proto, _matmul_peak(torch, int(cmd.get("n", 2048)), int(cmd.get("reps", 7)),
                                        device))
+        elif cmd["op"] == "gemm":
+            _write(proto, {"median_s": _gemm_time(torch, cmd["case"], cmd["dtype"],
+                                                  int(cmd.get("reps", 7)), device)})
         elif cmd["op"] == "flops":
             from torch.utils.flop_counter import FlopCounterMode
 
@@ -285,7 +331,7 @@ def main(argv=None) -> int:
                 step.step()
             _write(proto, {"flops": int(counter.get_total_flops())})
         else:
-            _write(proto, {"error": f"unknown op {cmd['op']!r}; allowed: run, peak, flops, quit"})
+            _write(proto, {"error": f"unknown op {cmd['op']!r}; allowed: run, peak, gemm, flops, quit"})
     return 0
 
 
