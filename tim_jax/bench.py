@@ -35,7 +35,8 @@ with the other process idle, and the speed-up is the median over rounds of
 always uses its default backend. ``--gemm-rounds k`` then also times the step's main GEMMs
 alone (:func:`gemm_cases`: the linear layers, the largest weight and input gradients, the
 attention logits) on both sides in the compute dtype, interleaved per product, and prints
-torch/jax per product: the step's gap split by library. On a GPU machine (``launch/bench_gpu.sh`` runs this) use::
+torch/jax per product: the step's gap split by library. On a GPU machine
+(``launch/bench_gpu.sh`` runs this) use::
 
     TIM_JAX_NO_REEXEC=1 XLA_PYTHON_CLIENT_PREALLOCATE=false python -m tim_jax.bench official \
         ... --torch-device cuda --peak_n 8192
@@ -406,8 +407,9 @@ def gemm_cases(config) -> list[dict]:
     """The main GEMMs of a c2i config's train step at its global batch, as both frameworks run
     them: ``kind`` "linear" (x (t, i) times a weight to (t, o), bias added, rounded to the
     compute dtype), "linear_glu" (the same to (t, 2h), then SiLU-GLU to (t, h): the SwiGLU
-    input projection with its activation), "weight_grad" (x^T g: (i, o) from x (t, i) and g (t, o)), "input_grad"
-    (g W^T: (t, i)) and "logits" (q k^T of the attention: (b, l, l) from (b, l, d))."""
+    input projection with its activation), "weight_grad" (x^T g: (i, o) from x (t, i) and
+    g (t, o)), "input_grad" (g W^T: (t, i)) and "logits" (q k^T of the attention: (b, l, l)
+    from (b, l, d))."""
     from tim_jax.models.c2i import mlp_hidden_features
 
     m = config.model
@@ -431,6 +433,7 @@ def gemm_cases(config) -> list[dict]:
 
 
 def gemm_shape(case: dict) -> str:
+    """The product of one :func:`gemm_cases` entry as text, e.g. ``(4096x384)(384x2048)``."""
     if case["kind"] == "logits":
         return f"{case['b']} x ({case['l']}x{case['d']})({case['d']}x{case['l']})"
     t, i, o = case["t"], case["i"], case["o"]
@@ -462,7 +465,8 @@ def time_jax_gemm(case: dict, dtype, reps: int = 7) -> float:
         g = jax.random.normal(keys[2], (t, o), dt)
         if case["kind"] == "linear":
             args = [x, w, jnp.zeros((o,), jnp.float32)]
-            fn = lambda x, w, c: mm.matmul("ti,io->to", x, w, dtype=dt, bias=c, out_dtype=dt)  # noqa: E731
+            fn = lambda x, w, c: mm.matmul("ti,io->to", x, w, dtype=dt, bias=c,  # noqa: E731
+                                           out_dtype=dt)
         elif case["kind"] == "linear_glu":
             args = [x, w, jnp.zeros((o,), jnp.float32)]
             fn = lambda x, w, c: layers._dense_glu_forward(x, w, c, dt, None)[0]  # noqa: E731

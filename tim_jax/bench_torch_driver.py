@@ -331,7 +331,8 @@ def main(argv=None) -> int:
                 step.step()
             _write(proto, {"flops": int(counter.get_total_flops())})
         else:
-            _write(proto, {"error": f"unknown op {cmd['op']!r}; allowed: run, peak, gemm, flops, quit"})
+            _write(proto, {"error": f"unknown op {cmd['op']!r}; allowed: run, peak, gemm, "
+                                    "flops, quit"})
     return 0
 
 
