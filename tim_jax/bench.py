@@ -131,6 +131,18 @@ def step_stats(times: Sequence[float]) -> dict:
             "spread": (max(times) - min(times)) / med if med > 0 else 0.0, "n": len(times)}
 
 
+def _call_times(f, args: Sequence, reps: int) -> list[float]:
+    """Seconds of ``reps`` calls ``f(*args)`` (results waited for) after one untimed call
+    (compilation, warm-up)."""
+    jax.block_until_ready(f(*args))
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(f(*args))
+        times.append(time.perf_counter() - t0)
+    return times
+
+
 def matmul_peak(n: int = 2048, reps: int = 7, dtype=jnp.float32) -> dict:
     """The machine's matmul throughput: median FLOP/s of ``reps`` jitted (n, n) @ (n, n) calls
     with operands in ``dtype`` and float32 accumulation/output (the networks' matmul, see
@@ -144,12 +156,7 @@ def matmul_peak(n: int = 2048, reps: int = 7, dtype=jnp.float32) -> dict:
     a = jax.random.normal(jax.random.PRNGKey(0), (n, n), dtype)
     b = jax.random.normal(jax.random.PRNGKey(1), (n, n), dtype)
     mm = jax.jit(lambda a, b: jnp.matmul(a, b, preferred_element_type=jnp.float32))
-    mm(a, b).block_until_ready()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        mm(a, b).block_until_ready()
-        times.append(time.perf_counter() - t0)
+    times = _call_times(mm, (a, b), reps)
     med = statistics.median(times)
     return {"flops_per_s": 2.0 * n ** 3 / med, "median_s": med, "min_s": min(times), "n": n,
             "reps": reps, "dtype": jnp.dtype(dtype).name}
@@ -476,14 +483,7 @@ def time_jax_gemm(case: dict, dtype, reps: int = 7) -> float:
         else:
             args = [g, w.astype(dt)]
             fn = lambda g, w: mm.grad_einsum_f32("to,io->ti", g, w, dt)  # noqa: E731
-    f = jax.jit(fn)
-    jax.block_until_ready(f(*args))
-    times = []
-    for _ in range(reps):
-        s = time.perf_counter()
-        jax.block_until_ready(f(*args))
-        times.append(time.perf_counter() - s)
-    return statistics.median(times)
+    return statistics.median(_call_times(jax.jit(fn), args, reps))
 
 
 class TorchOfficialStep:

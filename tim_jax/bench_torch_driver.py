@@ -209,19 +209,25 @@ def _sync(torch, dev) -> None:
         torch.cuda.synchronize(dev)
 
 
-def _matmul_peak(torch, n: int, reps: int, device: str = "cpu") -> dict:
-    """torch's fp32 GEMM speed: median of ``reps`` timed ``n``-cubed matmuls (after one untimed)."""
-    dev = torch.device(device)
-    a, b = torch.randn(n, n, device=dev), torch.randn(n, n, device=dev)
-    torch.mm(a, b)
+def _call_times(torch, dev, fn, reps: int) -> list:
+    """Sorted seconds of ``reps`` calls of ``fn`` (each waited for on the device) after one
+    untimed call."""
+    fn()
     _sync(torch, dev)
     ts = []
     for _ in range(reps):
         s = time.perf_counter()
-        torch.mm(a, b)
+        fn()
         _sync(torch, dev)
         ts.append(time.perf_counter() - s)
-    ts.sort()
+    return sorted(ts)
+
+
+def _matmul_peak(torch, n: int, reps: int, device: str = "cpu") -> dict:
+    """torch's fp32 GEMM speed: median of ``reps`` timed ``n``-cubed matmuls (after one untimed)."""
+    dev = torch.device(device)
+    a, b = torch.randn(n, n, device=dev), torch.randn(n, n, device=dev)
+    ts = _call_times(torch, dev, lambda: torch.mm(a, b), reps)
     med = ts[len(ts) // 2]
     out = {"flops_per_s": 2.0 * n ** 3 / med, "median_s": med, "n": n, "reps": reps}
     if dev.type == "cuda":
@@ -258,15 +264,7 @@ def _gemm_time(torch, case: dict, dtype: str, reps: int, device: str = "cpu") ->
             fn = {"linear": lambda: F.linear(x, w, bias), "linear_glu": glu,
                   "weight_grad": lambda: g.t() @ x,
                   "input_grad": lambda: g @ w}[kind]
-        fn()
-        _sync(torch, dev)
-        ts = []
-        for _ in range(reps):
-            s = time.perf_counter()
-            fn()
-            _sync(torch, dev)
-            ts.append(time.perf_counter() - s)
-    ts.sort()
+        ts = _call_times(torch, dev, fn, reps)
     return ts[len(ts) // 2]
 
 

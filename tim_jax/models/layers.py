@@ -33,7 +33,7 @@ from flax import nnx
 
 from tim_jax.autodiff import in_forward_mode
 from tim_jax.models.attention import attention
-from tim_jax.models.matmul import einsum_f32, matmul, matmul_grads
+from tim_jax.models.matmul import einsum_f32, matmul, matmul_grads, operand_dtypes
 
 Array = jax.Array
 Axes = tuple  # logical axis names of one parameter, one entry (str or None) per dim
@@ -286,9 +286,8 @@ def dense_silu_glu(dense: Dense, x: Array) -> Array:
     if in_forward_mode():
         y = _dense_glu_forward(x2, kernel, bias, dense.dtype, dense.precision)[0]
     else:
-        in_dtypes = (jnp.dtype(x2.dtype), jnp.dtype(kernel.dtype),
-                     None if bias is None else (jnp.dtype(bias.dtype), tuple(bias.shape)))
-        y = _dense_glu(x2, kernel, bias, dense.dtype, dense.precision, in_dtypes)
+        y = _dense_glu(x2, kernel, bias, dense.dtype, dense.precision,
+                       operand_dtypes(x2, kernel, bias))
     return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
@@ -535,8 +534,9 @@ def project_heads(dense: Dense, x: Array, parts: int, num_heads: int,
                   bias_offset: Array | None = None, out_dtype=None) -> list[Array]:
     """A fused projection (``dense``: in -> parts * H * Dh, columns ordered (parts, H, Dh))
     written straight in the heads-first layout: x (B, L, in) -> ``parts`` arrays (B, H, L, Dh)
-    in ``out_dtype`` (default ``dense.dtype``). ``bias_offset`` (B, 1, parts * H * Dh) float32 is added to the bias
-    before the single rounding (one row per sample, e.g. the interval-aware term).
+    in ``out_dtype`` (default ``dense.dtype``). ``bias_offset`` (B, 1, parts * H * Dh) float32
+    is added to the bias before the single rounding (one row per sample, e.g. the
+    interval-aware term).
 
     The (B, L, H, Dh) -> (B, H, L, Dh) transpose happens on the float32 matmul result, before
     the rounding. Transposing the rounded bf16 projection instead makes XLA:CPU upcast the

@@ -208,13 +208,19 @@ def _mm_bwd(spec, dtype, precision, out_dtype, in_dtypes, res, g):
     return matmul_grads(spec, *res, g, dtype=dtype, precision=precision, in_dtypes=in_dtypes)
 
 
+def operand_dtypes(a: Array, b: Array, bias: Array | None) -> tuple:
+    """The static ``in_dtypes`` of :func:`matmul_grads`: ``(a dtype, b dtype, bias_info)``,
+    ``bias_info`` None or ``(bias dtype, bias shape)``, taken before the operands are cast."""
+    return (jnp.dtype(a.dtype), jnp.dtype(b.dtype),
+            None if bias is None else (jnp.dtype(bias.dtype), tuple(bias.shape)))
+
+
 def matmul_grads(spec: str, a: Array, b: Array, g: Array, *, dtype, precision=None,
                  in_dtypes) -> tuple:
     """The backward pass of :func:`matmul`: ``(da, db, dbias)`` for the cotangent ``g`` of its
     output, for custom VJPs that end in a matmul (``layers.dense_silu_glu``). ``a``, ``b``: the
-    operands already cast to ``dtype``; ``in_dtypes = (a_dtype, b_dtype, bias_info)`` with
-    ``bias_info`` None (no bias, dbias None) or ``(bias_dtype, bias_shape)``. Each gradient
-    comes back in its operand's original dtype."""
+    operands already cast to ``dtype``; ``in_dtypes``: :func:`operand_dtypes` of the original
+    operands (no bias: dbias None). Each gradient comes back in its operand's original dtype."""
     sa, sb, out = _parse(spec)
     a_dtype, b_dtype, bias_info = in_dtypes
     dbias = None
@@ -267,6 +273,4 @@ def matmul(spec: str, a: Array, b: Array, *, dtype=jnp.float32, precision=None,
     dtype, out_dtype = jnp.dtype(dtype), jnp.dtype(out_dtype)
     if in_forward_mode():
         return _forward(spec, a, b, bias, dtype, precision, out_dtype)
-    in_dtypes = (jnp.dtype(a.dtype), jnp.dtype(b.dtype),
-                 None if bias is None else (jnp.dtype(bias.dtype), tuple(bias.shape)))
-    return _mm(spec, a, b, bias, dtype, precision, out_dtype, in_dtypes)
+    return _mm(spec, a, b, bias, dtype, precision, out_dtype, operand_dtypes(a, b, bias))
