@@ -225,6 +225,77 @@ def test_official_side_by_side_on_debug_config():
     torch_peak_line = [ln for ln in report.splitlines() if "torch fp32 128^3, median of 2" in ln]
     assert len(torch_peak_line) == 1 and torch_peak_line[0].endswith("x XLA's fp32"), report
     assert [r["first"] for r in res["rounds"]] == ["jax", "torch"]
+    assert res["turn_warmup"] == 1 and set(res["speedup_by_first"]) == {"jax", "torch"}
     ratios = sorted(r["torch_median"] / r["jax_median"] for r in res["rounds"])
     assert math.isclose(res["speedup"], (ratios[0] + ratios[1]) / 2, rel_tol=1e-9)
     assert math.isclose(first_float(field(report, "speed-up")), res["speedup"], abs_tol=1e-3)
+
+
+class _FakeSides:
+    """Fake JAX bench and torch step for :func:`bench.run_official_bench`: they log each
+    ``run(k)`` call; the torch step's first step is 20 % slower when the JAX side ran last (a
+    cold process, as measured on the real machine), every other step takes 1 s (JAX 0.8 s)."""
+
+    def __init__(self):
+        self.calls = []
+        sides = self
+
+        class Jax:
+            costs = {"flops": 1e9, "peak_bytes": 1}
+            n_params, lower_s, compile_s, last_loss = 1, 0.0, 0.0, 1.0
+
+            def run(self, k):
+                sides.calls.append(("jax", k))
+                return [0.8] * k
+
+        class Torch:
+            info = {"n_params": 1, "torch": "fake", "threads": 2, "build_s": 0.0}
+
+            def __init__(self, python, spec):
+                pass
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                return False
+
+            def matmul_peak(self, n, reps):
+                return {"flops_per_s": 1e9, "median_s": 1.0, "n": n, "reps": reps}
+
+            def run(self, k):
+                cold = bool(sides.calls) and sides.calls[-1][0] == "jax"
+                sides.calls.append(("torch", k))
+                return {"times": [1.2 if cold else 1.0] + [1.0] * (k - 1), "loss": 1.0,
+                        "minflt_per_step": 0.0, "maxrss_mib": 1.0}
+
+        self.jax, self.torch_cls = Jax(), Torch
+
+
+@pytest.mark.parametrize("turn_warmup", [0, 1])
+def test_official_rounds_open_each_turn_with_untimed_steps(monkeypatch, turn_warmup):
+    sides = _FakeSides()
+    peak = {"flops_per_s": 1e12, "median_s": 1.0, "n": 8, "reps": 1, "dtype": "bfloat16"}
+    monkeypatch.setattr(bench, "TorchOfficialStep", sides.torch_cls)
+    monkeypatch.setattr(bench, "build_jax_bench", lambda config: sides.jax)
+    monkeypatch.setattr(bench, "compute_peaks", lambda config, n, reps: (peak, peak))
+    config = c2i_s2_256.get_config()
+    res = bench.run_official_bench(config, official_repo="/x", torch_python=sys.executable,
+                                   rounds=4, round_steps=2, turn_warmup=turn_warmup, warmup=1)
+    turn = {who: ([(who, turn_warmup)] if turn_warmup else []) + [(who, 2)]
+            for who in ("jax", "torch")}
+    assert sides.calls == [("jax", 1), ("torch", 1)] + 2 * (
+        turn["jax"] + turn["torch"] + turn["torch"] + turn["jax"])
+    assert [r["first"] for r in res["rounds"]] == ["jax", "torch", "jax", "torch"]
+    assert res["turn_warmup"] == turn_warmup and res["round_steps"] == 2
+    by_first = res["speedup_by_first"]
+    if turn_warmup:   # the cold step is untimed: every round measures 1.0 / 0.8
+        assert by_first["jax"] == pytest.approx(1.25) and by_first["torch"] == pytest.approx(1.25)
+    else:             # timed cold steps inflate the ratio of the rounds JAX opened
+        assert by_first["jax"] == pytest.approx(1.1 / 0.8) and by_first["torch"] == pytest.approx(1.25)
+    report = bench.format_official_report(res)
+    assert f"jax-first rounds {by_first['jax']:.3f}x" in field(report, "by opener")
+    assert f"({turn_warmup} untimed step(s) open each turn)" in field(report, "by opener")
+    with pytest.raises(ValueError, match="turn-warmup"):
+        bench.run_official_bench(config, official_repo="/x", torch_python=sys.executable,
+                                 turn_warmup=-1)

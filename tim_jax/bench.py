@@ -28,8 +28,11 @@ dropout, clipping, AdamW, every EMA), times ``--steps`` steps on one fixed synth
 **official** does the same for tim_jax and, in a subprocess run by ``--torch-python``, the
 official PyTorch step (:mod:`tim_jax.bench_torch_driver`: the official network with SDPA
 attention, ``TransitionSchedule``, AdamW, clipping and EMA, same sizes and batch). The two are
-**interleaved**: round i runs ``--round-steps`` steps of each (alternating which goes first),
-with the other process idle, and the speed-up is the median over rounds of
+**interleaved**: round i runs ``--round-steps`` timed steps of each (alternating which goes
+first), with the other process idle, each turn opened by ``--turn-warmup`` untimed steps (default
+1: a process that sat idle while the other ran starts cold; measured here, the official step ran
+5-17 % slower right after a tim_jax turn than after its own, which had made the ratio of the
+rounds tim_jax opened higher than that of the rounds torch opened), and the speed-up is the median over rounds of
 ``torch round median / jax round median``, which cancels most of the machine's slow drift.
 ``--torch-device`` (``cpu``, the default, or ``cuda``) is where the official step runs; JAX
 always uses its default backend. ``--gemm-rounds k`` then also times the step's main GEMMs
@@ -571,7 +574,8 @@ class TorchOfficialStep:
 
 
 def run_official_bench(config, *, official_repo: str, torch_python: str, rounds: int = 4,
-                       round_steps: int = 2, warmup: int = 2, peak_n: int = 2048,
+                       round_steps: int = 2, turn_warmup: int = 1, warmup: int = 2,
+                       peak_n: int = 2048,
                        peak_reps: int = 7, torch_flops: bool = False,
                        torch_threads: int = 0, torch_device: str = "cpu",
                        gemm_rounds: int = 0, gemm_reps: int = 7) -> dict:
@@ -587,7 +591,10 @@ def run_official_bench(config, *, official_repo: str, torch_python: str, rounds:
     CUDA), on CUDA ``device_name`` and ``cuda_max_allocated_mib`` (torch's peak GPU memory),
     optionally ``flops`` from torch's FlopCounter (matmuls and attention only) and
     ``floor_multiple`` against the JAX FLOP count}),
-    ``rounds`` (per round: ``jax_median``, ``torch_median``, ``ratio``, ``first``), ``speedup``
+    ``rounds`` (per round: ``jax_median``, ``torch_median``, ``ratio``, ``first``),
+    ``round_steps`` and ``turn_warmup`` (timed and untimed steps per turn),
+    ``speedup_by_first`` (median ratio of the rounds each side opened: a check for order
+    effects; the two should agree within the noise), ``speedup``
     (median of the per-round ratios torch/jax; > 1 means tim_jax is faster) and its
     ``speedup_min`` / ``speedup_max`` over rounds, ``speedup_best`` (fastest torch step /
     fastest tim_jax step: the least load-sensitive figure on a shared machine),
@@ -596,10 +603,11 @@ def run_official_bench(config, *, official_repo: str, torch_python: str, rounds:
     median of ``gemm_reps`` calls, interleaved per product and round) and ``ratio`` (median of
     the per-round torch/jax; > 1: XLA faster), in the config's compute dtype.
     """
-    if rounds < 1 or round_steps < 1 or warmup < 0 or gemm_rounds < 0 or gemm_reps < 1:
+    if (rounds < 1 or round_steps < 1 or warmup < 0 or turn_warmup < 0 or gemm_rounds < 0
+            or gemm_reps < 1):
         raise ValueError(f"--rounds, --round-steps and --gemm-reps must be >= 1 and --warmup, "
-                         f"--gemm-rounds >= 0, got {rounds}, {round_steps}, {gemm_reps}, "
-                         f"{warmup}, {gemm_rounds}")
+                         f"--turn-warmup, --gemm-rounds >= 0, got {rounds}, {round_steps}, "
+                         f"{gemm_reps}, {warmup}, {turn_warmup}, {gemm_rounds}")
     load0 = _loadavg()
     if torch_device not in ("cpu", "cuda"):
         raise ValueError(f"--torch-device must be 'cpu' or 'cuda', got {torch_device!r}")
@@ -618,10 +626,14 @@ def run_official_bench(config, *, official_repo: str, torch_python: str, rounds:
             got = {}
             for who in order:
                 if who == "jax":
+                    if turn_warmup:
+                        bench.run(turn_warmup)
                     f0 = _minflt()
                     got["jax"] = bench.run(round_steps)
                     minflt += _minflt() - f0
                 else:
+                    if turn_warmup:
+                        torch_step.run(turn_warmup)
                     torch_last = torch_step.run(round_steps)
                     got["torch"] = torch_last["times"]
             jm, tm = statistics.median(got["jax"]), statistics.median(got["torch"])
@@ -664,8 +676,12 @@ def run_official_bench(config, *, official_repo: str, torch_python: str, rounds:
     if t_flops is not None:
         torch_res["flops"] = t_flops
     ratios = [r["ratio"] for r in per_round]
+    by_first = {who: statistics.median(r["ratio"] for r in per_round if r["first"] == who)
+                for who in ("jax", "torch") if any(r["first"] == who for r in per_round)}
     extra = {"gemms": gemms} if gemm_rounds else {}
     return {"jax": jax_res, "torch": torch_res, "rounds": per_round, **extra,
+            "round_steps": round_steps, "turn_warmup": turn_warmup,
+            "speedup_by_first": by_first,
             "speedup": statistics.median(ratios), "speedup_min": min(ratios),
             "speedup_max": max(ratios), "speedup_best": tst["min"] / jax_res["step_s"]["min"],
             "loadavg_start": load0, "loadavg_end": _loadavg()}
@@ -711,6 +727,9 @@ def format_official_report(res: dict) -> str:
               f"range {res['speedup_min']:.3f}-{res['speedup_max']:.3f}; > 1: tim_jax faster)",
               f"speed-up, best    : {res['speedup_best']:.3f}x (fastest torch step / fastest "
               "tim_jax step)",
+              "by opener        : " + ", ".join(
+                  f"{who}-first rounds {v:.3f}x" for who, v in res["speedup_by_first"].items())
+              + f" ({res['turn_warmup']} untimed step(s) open each turn)",
               f"tim_jax floor mult: {j['floor_multiple']:.2f}x",
               f"load average      : start {res['loadavg_start']}, end {res['loadavg_end']}"]
     if res.get("gemms"):
@@ -743,7 +762,10 @@ def _parse(argv: Sequence[str]):
     flags.DEFINE_string("torch_python", None, "official: interpreter with torch+timm+einops",
                         flag_values=fv)
     flags.DEFINE_integer("rounds", 4, "official: interleaved rounds", flag_values=fv)
-    flags.DEFINE_integer("round_steps", 2, "official: steps of each framework per round",
+    flags.DEFINE_integer("round_steps", 2, "official: timed steps of each framework per round",
+                         flag_values=fv)
+    flags.DEFINE_integer("turn_warmup", 1, "official: untimed steps that open each framework's "
+                         "turn in a round (the process was idle while the other ran)",
                          flag_values=fv)
     flags.DEFINE_boolean("torch_flops", False, "official: also count torch FLOPs (one extra "
                          "step under torch's FlopCounter)", flag_values=fv)
@@ -799,6 +821,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                      torch_python=fv["torch_python"].value,
                                      rounds=fv["rounds"].value,
                                      round_steps=fv["round_steps"].value,
+                                     turn_warmup=fv["turn_warmup"].value,
                                      torch_flops=fv["torch_flops"].value,
                                      torch_threads=fv["torch_threads"].value,
                                      torch_device=fv["torch_device"].value,
