@@ -158,6 +158,58 @@ def test_silu_glu_value_and_gradient_equal_plain_autodiff():
     np.testing.assert_allclose(t, t_ref, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("with_norm", [True, False], ids=["qk_norm", "no_norm"])
+def test_norm_rope_equals_layer_norm_then_rope(with_norm):
+    """layers.norm_rope (one custom VJP for QK-norm + RoPE + rounding) against plain autodiff
+    of ``apply_rope(layer_norm(x) * scale + bias)``: float32 value and gradients (x, scale,
+    bias) tight; with a bf16 output the gradients stay float32 and within bf16 accuracy;
+    inside forward_mode the tangent is the plain one."""
+    from flax import nnx
+
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.standard_normal((2, 3, 16, 8)) * 2 + 0.5, jnp.float32)  # (B, H, L, Dh)
+    w = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
+    cos, sin = L.rope_tables(4, 4, 8)
+    norm = L.LayerNorm(8, eps=1e-5, rngs=nnx.Rngs(0)) if with_norm else None
+    if with_norm:
+        norm.scale[...] = jnp.asarray(rng.standard_normal(8), jnp.float32)
+        norm.bias[...] = jnp.asarray(rng.standard_normal(8), jnp.float32)
+    graphdef, state = nnx.split(norm)
+
+    def plain(state, x):
+        y = x
+        if with_norm:
+            y = L.layer_norm(x, 1e-5, state["scale"][...], state["bias"][...])
+        return L.apply_rope(y, cos, sin)
+
+    def ours(state, x, dtype=jnp.float32):
+        return L.norm_rope(x, nnx.merge(graphdef, state) if with_norm else None, cos, sin, dtype)
+
+    def loss(f, **kw):
+        return lambda s, x: jnp.sum(f(s, x, **kw).astype(jnp.float32) * w)
+
+    np.testing.assert_allclose(ours(state, x), plain(state, x), rtol=1e-5, atol=1e-5)
+    g_s, g_x = jax.grad(loss(ours), argnums=(0, 1))(state, x)
+    r_s, r_x = jax.grad(loss(plain), argnums=(0, 1))(state, x)
+    np.testing.assert_allclose(g_x, r_x, rtol=1e-4, atol=1e-5)
+    for name in (["scale", "bias"] if with_norm else []):
+        np.testing.assert_allclose(g_s[name][...], r_s[name][...], rtol=1e-4, atol=1e-5)
+
+    y16 = ours(state, x, jnp.bfloat16)
+    assert y16.dtype == jnp.bfloat16
+    g16_s, g16_x = jax.grad(loss(ours, dtype=jnp.bfloat16), argnums=(0, 1))(state, x)
+    assert g16_x.dtype == jnp.float32
+    for got, ref in [(g16_x, r_x)] + ([(g16_s[n][...], r_s[n][...]) for n in ("scale", "bias")]
+                                      if with_norm else []):
+        assert np.linalg.norm(np.asarray(got) - ref) <= 0.03 * np.linalg.norm(ref), (got, ref)
+
+    tangent = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
+    with forward_mode():
+        _, t = jax.jvp(lambda x: ours(state, x), (x,), (tangent,))
+    _, t_ref = jax.jvp(lambda x: plain(state, x), (x,), (tangent,))
+    np.testing.assert_allclose(t, t_ref, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("use_bias", [True, False])
 def test_dense_silu_glu_equals_dense_then_silu_glu(use_bias):
     """layers.dense_silu_glu (float32 pre-activation, one custom VJP for projection +

@@ -292,11 +292,19 @@ def dense_silu_glu(dense: Dense, x: Array) -> Array:
 
 
 def _dense_glu_forward(x, kernel, bias, dtype, precision):
-    """(silu_glu output in dtype, pre-activation float32) of x (M, in) @ kernel (in, 2H)."""
+    """(silu_glu output in dtype, pre-activation float32) of x (M, in) @ kernel (in, 2H).
+
+    The bias is added inside the activation (and again for the returned pre-activation), not
+    to the matmul result: added there, XLA:CPU folds it into the YNNPACK dot's epilogue,
+    which reads it as a materialised (M, 2H) broadcast (S/2: 32 MB written and read per
+    block)."""
     h = einsum_f32("mi,io->mo", x, kernel, dtype, precision)
-    if bias is not None:
-        h = h + bias.astype(jnp.float32)
-    return _silu_glu(h).astype(dtype), h
+    if bias is None:
+        return _silu_glu(h).astype(dtype), h
+    b = bias.astype(jnp.float32)
+    gate, value = jnp.split(h, 2, axis=-1)
+    b_gate, b_value = jnp.split(b, 2)
+    return (jax.nn.silu(gate + b_gate) * (value + b_value)).astype(dtype), h + b
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
@@ -526,6 +534,53 @@ def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
     return x * cos + rotate_half(x) * sin
 
 
+def norm_rope(x: Array, norm: LayerNorm | None, cos: Array, sin: Array, dtype) -> Array:
+    """The attention's query/key path: ``apply_rope(norm(x), cos, sin)`` rounded to ``dtype``.
+
+    x (B, H, L, Dh) float32, ``norm`` the QK-norm over Dh (or None: RoPE only), tables
+    (L, Dh); returns (B, H, L, Dh) in ``dtype``. The backward pass (a ``custom_vjp``) is
+    written out: the rotation's transpose ``g * cos - rotate_half(g * sin)``, then the
+    LayerNorm gradient from the saved normalised input, where plain autodiff builds the
+    transpose of the pair interleave from slices and concatenations. With the SwiGLU bias
+    change this made the whole step 1.03x faster for S/2 and B/4 (paired, in one process).
+    Inside :func:`tim_jax.autodiff.forward_mode` it is plain autodiff of the same math.
+    """
+    cos, sin = jnp.asarray(cos, jnp.float32), jnp.asarray(sin, jnp.float32)
+    if norm is None or in_forward_mode():
+        y = x if norm is None else norm(x)
+        return apply_rope(y, cos, sin).astype(dtype)
+    return _norm_rope(x.astype(jnp.float32), norm.scale[...].astype(jnp.float32),
+                      norm.bias[...].astype(jnp.float32), cos, sin, norm.eps, dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _norm_rope(x, scale, bias, cos, sin, eps, dtype):
+    return _norm_rope_fwd(x, scale, bias, cos, sin, eps, dtype)[0]
+
+
+def _norm_rope_fwd(x, scale, bias, cos, sin, eps, dtype):
+    xc = x - jnp.mean(x, axis=-1, keepdims=True)
+    rstd = jax.lax.rsqrt(jnp.mean(jnp.square(xc), axis=-1, keepdims=True) + eps)
+    xhat = xc * rstd
+    z = xhat * scale + bias
+    return (z * cos + rotate_half(z) * sin).astype(dtype), (xhat, rstd, scale, cos, sin)
+
+
+def _norm_rope_bwd(eps, dtype, res, g):
+    xhat, rstd, scale, cos, sin = res
+    g = g.astype(jnp.float32)
+    dz = g * cos - rotate_half(g * sin)          # rotate_half^T = -rotate_half
+    batch_axes = tuple(range(dz.ndim - 1))
+    dxhat = dz * scale
+    dx = rstd * (dxhat - jnp.mean(dxhat, axis=-1, keepdims=True)
+                 - xhat * jnp.mean(dxhat * xhat, axis=-1, keepdims=True))
+    return (dx, jnp.sum(dz * xhat, axis=batch_axes), jnp.sum(dz, axis=batch_axes),
+            jnp.zeros_like(cos), jnp.zeros_like(sin))
+
+
+_norm_rope.defvjp(_norm_rope_fwd, _norm_rope_bwd)
+
+
 # -------------------------------------------------------------------------------------------
 # attention layers (every one calls ``attention.attention``; layout heads-first (B, H, L, Dh))
 
@@ -598,11 +653,8 @@ class SelfAttention(nnx.Module):
         q, k, v = project_heads(self.qkv, x, 3, self.num_heads, offset,
                                 out_dtype=jnp.float32)                    # (B, H, L, Dh)
         v = v.astype(self.dtype)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        cos, sin = rope
-        q = apply_rope(q, cos, sin).astype(self.dtype)
-        k = apply_rope(k, cos, sin).astype(self.dtype)
+        q = norm_rope(q, self.q_norm, *rope, self.dtype)
+        k = norm_rope(k, self.k_norm, *rope, self.dtype)
         o = attention(q, k, v, impl=self.attention_impl)
         o = o.transpose(0, 2, 1, 3).reshape(b, n, d)
         return self.proj(o)
@@ -636,10 +688,9 @@ class CrossAttention(nnx.Module):
         b, n, d = x.shape
         (q,) = project_heads(self.q, x, 1, self.num_heads, out_dtype=jnp.float32)  # -> RoPE
         k, v = project_heads(self.kv, y, 2, self.num_heads)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        cos, sin = rope
-        q = apply_rope(q, cos, sin).astype(self.dtype)
+        q = norm_rope(q, self.q_norm, *rope, self.dtype)
+        if self.k_norm is not None:
+            k = self.k_norm(k)
         k = k.astype(self.dtype)
         o = attention(q, k, v, impl=self.attention_impl)
         o = o.transpose(0, 2, 1, 3).reshape(b, n, d)
