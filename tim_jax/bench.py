@@ -29,11 +29,12 @@ dropout, clipping, AdamW, every EMA), times ``--steps`` steps on one fixed synth
 official PyTorch step (:mod:`tim_jax.bench_torch_driver`: the official network with SDPA
 attention, ``TransitionSchedule``, AdamW, clipping and EMA, same sizes and batch). The two are
 **interleaved**: round i runs ``--round-steps`` timed steps of each (alternating which goes
-first), with the other process idle, each turn opened by ``--turn-warmup`` untimed steps (default
-1: a process that sat idle while the other ran starts cold; measured here, the official step ran
-5-17 % slower right after a tim_jax turn than after its own, which had made the ratio of the
-rounds tim_jax opened higher than that of the rounds torch opened), and the speed-up is the median over rounds of
-``torch round median / jax round median``, which cancels most of the machine's slow drift.
+first), with the other process idle. Each turn opens with ``--turn-warmup`` untimed steps
+(default 1): a process that sat idle while the other ran starts cold. Measured here, the
+official step ran 5-17 % slower right after a tim_jax turn than after its own, which made the
+rounds tim_jax opened read higher than those torch opened. The speed-up is the median over
+rounds of ``torch round median / jax round median``, which cancels most of the machine's slow
+drift.
 ``--torch-device`` (``cpu``, the default, or ``cuda``) is where the official step runs; JAX
 always uses its default backend. ``--gemm-rounds k`` then also times the step's main GEMMs
 alone (:func:`gemm_cases`: the linear layers, the largest weight and input gradients, the

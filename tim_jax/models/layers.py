@@ -184,16 +184,20 @@ class Dense(nnx.Module):
 
 def layer_norm(x: Array, eps: float, scale: Array | None = None, bias: Array | None = None) -> Array:
     """LayerNorm over the last axis in float32 (biased variance, as torch). Returns float32."""
-    x = x.astype(jnp.float32)
-    mean = jnp.mean(x, axis=-1, keepdims=True)
-    xc = x - mean
-    var = jnp.mean(jnp.square(xc), axis=-1, keepdims=True)
-    y = xc * jax.lax.rsqrt(var + eps)
+    y = _standardize(x.astype(jnp.float32), eps)[0]
     if scale is not None:
         y = y * scale.astype(jnp.float32)
     if bias is not None:
         y = y + bias.astype(jnp.float32)
     return y
+
+
+def _standardize(x: Array, eps: float) -> tuple[Array, Array]:
+    """``(xhat, rstd)`` of float32 x over the last axis: ``xhat = (x - mean) * rstd``,
+    ``rstd = rsqrt(var + eps)`` (biased variance; rstd keeps the axis as size 1)."""
+    xc = x - jnp.mean(x, axis=-1, keepdims=True)
+    rstd = jax.lax.rsqrt(jnp.mean(jnp.square(xc), axis=-1, keepdims=True) + eps)
+    return xc * rstd, rstd
 
 
 class LayerNorm(nnx.Module):
@@ -302,9 +306,7 @@ def _dense_glu_forward(x, kernel, bias, dtype, precision):
     if bias is None:
         return _silu_glu(h).astype(dtype), h
     b = bias.astype(jnp.float32)
-    gate, value = jnp.split(h, 2, axis=-1)
-    b_gate, b_value = jnp.split(b, 2)
-    return (jax.nn.silu(gate + b_gate) * (value + b_value)).astype(dtype), h + b
+    return _silu_glu(h, b).astype(dtype), h + b
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
@@ -343,8 +345,13 @@ def silu_glu(h: Array) -> Array:
     return _silu_glu_vjp(h)
 
 
-def _silu_glu(h: Array) -> Array:
+def _silu_glu(h: Array, bias: Array | None = None) -> Array:
+    """``silu(gate) * value`` of ``h`` (+ ``bias`` (2H,), added to each half after the split)
+    in float32, rounded to ``h.dtype``."""
     gate, value = jnp.split(h.astype(jnp.float32), 2, axis=-1)
+    if bias is not None:
+        b_gate, b_value = jnp.split(bias, 2)
+        gate, value = gate + b_gate, value + b_value
     return (jax.nn.silu(gate) * value).astype(h.dtype)
 
 
@@ -559,11 +566,9 @@ def _norm_rope(x, scale, bias, cos, sin, eps, dtype):
 
 
 def _norm_rope_fwd(x, scale, bias, cos, sin, eps, dtype):
-    xc = x - jnp.mean(x, axis=-1, keepdims=True)
-    rstd = jax.lax.rsqrt(jnp.mean(jnp.square(xc), axis=-1, keepdims=True) + eps)
-    xhat = xc * rstd
-    z = xhat * scale + bias
-    return (z * cos + rotate_half(z) * sin).astype(dtype), (xhat, rstd, scale, cos, sin)
+    xhat, rstd = _standardize(x, eps)
+    y = apply_rope(xhat * scale + bias, cos, sin).astype(dtype)
+    return y, (xhat, rstd, scale, cos, sin)
 
 
 def _norm_rope_bwd(eps, dtype, res, g):
