@@ -541,6 +541,17 @@ def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
     return x * cos + rotate_half(x) * sin
 
 
+def scaled_rope(rope: tuple[Array, Array], head_dim: int) -> tuple[Array, Array]:
+    """The query's RoPE tables (L, Dh) times the softmax scale ``head_dim ** -0.5``, so that the
+    query leaves :func:`norm_rope` already scaled and the attention runs with ``scale=1.0``
+    (the same logits: ``(s q) k^T = s (q k^T)``; exact in bf16 when the scale is a power of 2,
+    as for Dh = 64). XLA:CPU writes a scale applied to the logits out as a (B, H, Lq, Lk)
+    float32 broadcast that every attention fusion reads; in the tables it costs nothing.
+    The whole S/2 step 1.039x (paired, in one process)."""
+    s = head_dim ** -0.5
+    return rope[0] * s, rope[1] * s
+
+
 def norm_rope(x: Array, norm: LayerNorm | None, cos: Array, sin: Array, dtype) -> Array:
     """The attention's query/key path: ``apply_rope(norm(x), cos, sin)`` rounded to ``dtype``.
 
@@ -658,9 +669,9 @@ class SelfAttention(nnx.Module):
         q, k, v = project_heads(self.qkv, x, 3, self.num_heads, offset,
                                 out_dtype=jnp.float32)                    # (B, H, L, Dh)
         v = v.astype(self.dtype)
-        q = norm_rope(q, self.q_norm, *rope, self.dtype)
+        q = norm_rope(q, self.q_norm, *scaled_rope(rope, self.head_dim), self.dtype)
         k = norm_rope(k, self.k_norm, *rope, self.dtype)
-        o = attention(q, k, v, impl=self.attention_impl)
+        o = attention(q, k, v, impl=self.attention_impl, scale=1.0)
         o = o.transpose(0, 2, 1, 3).reshape(b, n, d)
         return self.proj(o)
 
@@ -693,11 +704,11 @@ class CrossAttention(nnx.Module):
         b, n, d = x.shape
         (q,) = project_heads(self.q, x, 1, self.num_heads, out_dtype=jnp.float32)  # -> RoPE
         k, v = project_heads(self.kv, y, 2, self.num_heads)
-        q = norm_rope(q, self.q_norm, *rope, self.dtype)
+        q = norm_rope(q, self.q_norm, *scaled_rope(rope, self.head_dim), self.dtype)
         if self.k_norm is not None:
             k = self.k_norm(k)
         k = k.astype(self.dtype)
-        o = attention(q, k, v, impl=self.attention_impl)
+        o = attention(q, k, v, impl=self.attention_impl, scale=1.0)
         o = o.transpose(0, 2, 1, 3).reshape(b, n, d)
         return self.proj(o)
 
