@@ -367,3 +367,35 @@ def test_cpu_row_chunked_product_equals_the_single_product(monkeypatch):
                                    rtol=tol, atol=tol)
         for x1, x2 in zip(g1, g2):
             np.testing.assert_allclose(x2, x1, rtol=1e-5, atol=1e-5)
+
+
+def test_self_attention_with_scaled_rope_equals_scaled_logits():
+    """SelfAttention folds the softmax scale Dh**-0.5 into the query's RoPE tables
+    (layers.scaled_rope) and runs the attention with scale=1.0: the output and the input
+    gradient equal the textbook ``softmax(q k^T * Dh**-0.5) v`` (float32, Dh = 8, whose scale
+    is not a power of 2)."""
+    from flax import nnx
+
+    rng = np.random.default_rng(5)
+    dim, heads, dh = 16, 2, 8
+    att = L.SelfAttention(dim, heads, qk_norm=True, distance_aware=False, rngs=nnx.Rngs(1))
+    att.q_norm.scale[...] = jnp.asarray(rng.standard_normal(dh), jnp.float32)
+    att.k_norm.bias[...] = jnp.asarray(rng.standard_normal(dh), jnp.float32)
+    rope = L.rope_tables(4, 4, dh)                                   # (16, 8)
+    x = jnp.asarray(rng.standard_normal((2, 16, dim)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((2, 16, dim)), jnp.float32)
+
+    def reference(x):
+        qkv = x @ att.qkv.kernel[...] + att.qkv.bias[...]
+        q, k, v = (qkv[..., i * dim:(i + 1) * dim].reshape(2, 16, heads, dh).transpose(0, 2, 1, 3)
+                   for i in range(3))
+        q = L.apply_rope(L.layer_norm(q, 1e-5, att.q_norm.scale[...], att.q_norm.bias[...]), *rope)
+        k = L.apply_rope(L.layer_norm(k, 1e-5, att.k_norm.scale[...], att.k_norm.bias[...]), *rope)
+        p = jax.nn.softmax(jnp.einsum("bhqd,bhkd->bhqk", q, k) * dh ** -0.5, axis=-1)
+        o = jnp.einsum("bhqk,bhkd->bhqd", p, v).transpose(0, 2, 1, 3).reshape(2, 16, dim)
+        return o @ att.proj.kernel[...] + att.proj.bias[...]
+
+    np.testing.assert_allclose(att(x, rope), reference(x), rtol=1e-5, atol=1e-5)
+    gx = jax.grad(lambda x: jnp.sum(att(x, rope) * w))(x)
+    gx_ref = jax.grad(lambda x: jnp.sum(reference(x) * w))(x)
+    np.testing.assert_allclose(gx, gx_ref, rtol=1e-4, atol=1e-5)
