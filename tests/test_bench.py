@@ -35,11 +35,11 @@ def run_cli(*args, timeout=300):
     return proc.stdout, json.loads(lines[0][len(bench.RESULT_PREFIX):])
 
 
-def field(report, name):
-    """The text after ``name   :`` on its report line."""
-    m = re.search(rf"^{re.escape(name)}\s*: (.*)$", report, re.M)
-    assert m, f"no {name!r} line in:\n{report}"
-    return m.group(1)
+def field(report, name, last=False):
+    """The text after ``name   :`` on its report line (the last such line with ``last``)."""
+    found = re.findall(rf"^{re.escape(name)}\s*: (.*)$", report, re.M)
+    assert found, f"no {name!r} line in:\n{report}"
+    return found[-1] if last else found[0]
 
 
 def first_float(text):
@@ -251,8 +251,8 @@ class _FakeSides:
         class Torch:
             info = {"n_params": 1, "torch": "fake", "threads": 2, "build_s": 0.0}
 
-            def __init__(self, python, spec):
-                pass
+            def __init__(self, python, spec, glibc_tunables=None):
+                sides.torch_tunables = glibc_tunables
 
             def __enter__(self):
                 return self
@@ -296,6 +296,30 @@ def test_official_rounds_open_each_turn_with_untimed_steps(monkeypatch, turn_war
     report = bench.format_official_report(res)
     assert f"jax-first rounds {by_first['jax']:.3f}x" in field(report, "by opener")
     assert f"({turn_warmup} untimed step(s) open each turn)" in field(report, "by opener")
+    assert sides.torch_tunables is None and res["torch"]["glibc_tunables"] is None
+    assert field(report, "allocator", last=True) == "default (GLIBC_TUNABLES unset)"
     with pytest.raises(ValueError, match="turn-warmup"):
         bench.run_official_bench(config, official_repo="/x", torch_python=sys.executable,
                                  turn_warmup=-1)
+
+
+def test_torch_side_allocator_is_glibc_default_unless_asked():
+    """The official step runs without tim_jax's GLIBC_TUNABLES and XLA_FLAGS; ``--torch-glibc-
+    tunables`` sets a value for it (e.g. huge pages only), reported with the result."""
+    environ = {"GLIBC_TUNABLES": "glibc.malloc.arena_max=1", "XLA_FLAGS": "--x", "PATH": "/bin"}
+    assert bench.torch_env(environ) == {"PATH": "/bin"}
+    assert bench.torch_env(environ, "glibc.malloc.hugetlb=1") == {
+        "PATH": "/bin", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
+    sides = _FakeSides()
+    peak = {"flops_per_s": 1e12, "median_s": 1.0, "n": 8, "reps": 1, "dtype": "bfloat16"}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(bench, "TorchOfficialStep", sides.torch_cls)
+        mp.setattr(bench, "build_jax_bench", lambda config: sides.jax)
+        mp.setattr(bench, "compute_peaks", lambda config, n, reps: (peak, peak))
+        res = bench.run_official_bench(c2i_s2_256.get_config(), official_repo="/x",
+                                       torch_python=sys.executable, rounds=1, warmup=0,
+                                       torch_glibc_tunables="glibc.malloc.hugetlb=1")
+    assert sides.torch_tunables == "glibc.malloc.hugetlb=1"
+    assert res["torch"]["glibc_tunables"] == "glibc.malloc.hugetlb=1"
+    report = bench.format_official_report(res)
+    assert field(report, "allocator", last=True) == "glibc.malloc.hugetlb=1"

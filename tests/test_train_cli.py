@@ -329,7 +329,7 @@ def test_allocator_rules():
     assert not _allocator.should_reexec({"TIM_JAX_ALLOCATOR_REEXECED": "1"}, "linux")
     assert _allocator.GLIBC_TUNABLES_VALUE == (
         "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736:"
-        "glibc.malloc.arena_max=1:glibc.malloc.top_pad=1073741824")
+        "glibc.malloc.arena_max=1:glibc.malloc.top_pad=1073741824:glibc.malloc.hugetlb=1")
 
 
 # ---- EMA export of a trained run -----------------------------------------------------------

@@ -22,6 +22,14 @@ Rules (in order):
 
 Memory is not returned to the OS while the process lives (``trim_threshold`` = 64 GiB), and
 the heap grows in 1 GiB steps (``top_pad``); peak RSS is unchanged in the measurements above.
+
+``glibc.malloc.hugetlb=1`` (glibc >= 2.35; older versions ignore unknown tunables) makes malloc
+``madvise`` its heap for transparent huge pages. Hosts whose THP mode is ``madvise`` (the
+default of many distributions, and this project's CPU machine) otherwise give the heap 4 KiB
+pages, and a train step walks GBs of temporaries through the TLB. Measured with four
+processes side by side, two with and two without it, interleaved turns, 6 rounds: the S/2
+step 2.65/2.70 s against 2.86/2.77 s, the B/4 step 1.87/1.95 s against 2.12/2.00 s (about
+1.05x and 1.08x). With THP ``never`` it does nothing; with ``always`` the heap has huge pages anyway.
 """
 from __future__ import annotations
 
@@ -32,9 +40,11 @@ GLIBC_TUNABLES_VALUE = (
     "glibc.malloc.mmap_max=0:"
     "glibc.malloc.trim_threshold=68719476736:"
     "glibc.malloc.arena_max=1:"
-    "glibc.malloc.top_pad=1073741824"
+    "glibc.malloc.top_pad=1073741824:"
+    "glibc.malloc.hugetlb=1"
 )
-"""The exact ``GLIBC_TUNABLES`` value: no mmap'd chunks, no trimming, one arena, 1 GiB top pad."""
+"""The exact ``GLIBC_TUNABLES`` value: no mmap'd chunks, no trimming, one arena, 1 GiB top pad,
+transparent huge pages for the heap (``hugetlb=1``)."""
 
 OPT_OUT_ENV = "TIM_JAX_NO_REEXEC"
 _MARKER_ENV = "TIM_JAX_ALLOCATOR_REEXECED"  # set in the child; guards against exec loops

@@ -490,6 +490,16 @@ def time_jax_gemm(case: dict, dtype, reps: int = 7) -> float:
     return statistics.median(_call_times(jax.jit(fn), args, reps))
 
 
+def torch_env(environ, glibc_tunables: Optional[str] = None) -> dict:
+    """The torch driver's environment: ``environ`` without tim_jax's allocator setting and
+    XLA flags, so the official step runs with glibc's default allocator, unless
+    ``glibc_tunables`` asks for one explicitly."""
+    env = {k: v for k, v in environ.items() if k not in ("GLIBC_TUNABLES", "XLA_FLAGS")}
+    if glibc_tunables:
+        env["GLIBC_TUNABLES"] = glibc_tunables
+    return env
+
+
 class TorchOfficialStep:
     """The official step in a subprocess of ``torch_python`` (see :mod:`tim_jax.bench_torch_driver`).
 
@@ -500,7 +510,8 @@ class TorchOfficialStep:
 
     DRIVER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench_torch_driver.py")
 
-    def __init__(self, torch_python: str, spec: dict, timeout_s: float = 3600.0):
+    def __init__(self, torch_python: str, spec: dict, timeout_s: float = 3600.0,
+                 glibc_tunables: Optional[str] = None):
         if not os.path.isfile(torch_python):
             raise ValueError(f"--torch-python {torch_python!r} is not a file (a Python with "
                              "torch, timm and einops, e.g. <venv>/bin/python)")
@@ -509,12 +520,10 @@ class TorchOfficialStep:
             raise ValueError(f"--official-repo {repo!r} is not a checkout of the official TiM "
                              "(no tim/models/c2i/tim_model.py)")
         self._stderr = tempfile.TemporaryFile(mode="w+")
-        env = dict(os.environ)
-        env.pop("GLIBC_TUNABLES", None)  # the official step runs with its default allocator
-        env.pop("XLA_FLAGS", None)
         self.proc = subprocess.Popen(
             [torch_python, self.DRIVER, "--spec", json.dumps(spec)], stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE, stderr=self._stderr, text=True, env=env)
+            stdout=subprocess.PIPE, stderr=self._stderr, text=True,
+            env=torch_env(os.environ, glibc_tunables))
         self.timeout_s = timeout_s
         self.info = self._read()
         if not self.info.get("ready"):
@@ -579,8 +588,13 @@ def run_official_bench(config, *, official_repo: str, torch_python: str, rounds:
                        peak_n: int = 2048,
                        peak_reps: int = 7, torch_flops: bool = False,
                        torch_threads: int = 0, torch_device: str = "cpu",
-                       gemm_rounds: int = 0, gemm_reps: int = 7) -> dict:
+                       gemm_rounds: int = 0, gemm_reps: int = 7,
+                       torch_glibc_tunables: Optional[str] = None) -> dict:
     """Paired, interleaved tim_jax vs official-torch benchmark; returns the result dict.
+
+    ``torch_glibc_tunables``: a ``GLIBC_TUNABLES`` value for the torch process (default None:
+    glibc's default allocator, the one the official code gets; a check of the comparison, e.g.
+    with the transparent huge pages of ``glibc.malloc.hugetlb=1`` on the torch side too).
 
     ``torch_device``: where the official step runs (``"cpu"`` or ``"cuda"``; see the module
     docstring for the settings a GPU run wants).
@@ -614,7 +628,7 @@ def run_official_bench(config, *, official_repo: str, torch_python: str, rounds:
         raise ValueError(f"--torch-device must be 'cpu' or 'cuda', got {torch_device!r}")
     spec = official_spec(config, official_repo, seed=int(config.seed), threads=torch_threads,
                          device=torch_device)
-    with TorchOfficialStep(torch_python, spec) as torch_step:
+    with TorchOfficialStep(torch_python, spec, glibc_tunables=torch_glibc_tunables) as torch_step:
         peaks = compute_peaks(config, peak_n, peak_reps)
         torch_peak = torch_step.matmul_peak(peak_n, peak_reps)
         bench = build_jax_bench(config)
@@ -669,6 +683,7 @@ def run_official_bench(config, *, official_repo: str, torch_python: str, rounds:
         "shims": {k: info[k] for k in ("torchvision_shim", "cuda_rng_shim") if k in info},
         "floor_multiple": tst["median"] / jax_res["flop_floor_s"], "peak": torch_peak,
         "autocast_bf16": bool(spec["autocast_bf16"]),
+        "glibc_tunables": torch_glibc_tunables or None,
     }
     if "device_name" in info:
         torch_res["device_name"] = info["device_name"]
@@ -719,7 +734,9 @@ def format_official_report(res: dict) -> str:
         lines.append(f"GPU memory        : {t['cuda_max_allocated_mib'] / 1024:.2f} GiB (torch "
                      "max_memory_allocated)")
     lines += [f"minor faults/step : {t['minflt_per_step']:.0f}",
-              f"max RSS           : {t['maxrss_mib']:.0f} MiB", "",
+              f"max RSS           : {t['maxrss_mib']:.0f} MiB",
+              f"allocator         : {t.get('glibc_tunables') or 'default (GLIBC_TUNABLES unset)'}",
+              "",
               "== comparison ==",
               "rounds (torch/jax): " + ", ".join(
                   f"{r['torch_median']:.3f}/{r['jax_median']:.3f}={r['ratio']:.3f}"
@@ -780,6 +797,8 @@ def _parse(argv: Sequence[str]):
                          "on both sides, this many interleaved rounds (0: off)", flag_values=fv)
     flags.DEFINE_integer("gemm_reps", 7, "official: calls per GEMM and round (median)",
                          flag_values=fv)
+    flags.DEFINE_string("torch_glibc_tunables", None, "official: GLIBC_TUNABLES of the torch "
+                        "process (default: unset, glibc's default allocator)", flag_values=fv)
     flags.DEFINE_string("json", None, "also write the result JSON to this file", flag_values=fv)
     # accept the dashed spellings (--official-repo) as well as absl's underscores
     norm = []
@@ -827,7 +846,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                      torch_threads=fv["torch_threads"].value,
                                      torch_device=fv["torch_device"].value,
                                      gemm_rounds=fv["gemm_rounds"].value,
-                                     gemm_reps=fv["gemm_reps"].value, **common)
+                                     gemm_reps=fv["gemm_reps"].value,
+                                     torch_glibc_tunables=fv["torch_glibc_tunables"].value,
+                                     **common)
             report = format_official_report(res)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
