@@ -271,14 +271,18 @@ class _FakeSides:
 
         self.jax, self.torch_cls = Jax(), Torch
 
+    def install(self, mp):
+        """Patch ``bench`` (with the monkeypatch ``mp``) to use these sides and a fixed peak."""
+        peak = {"flops_per_s": 1e12, "median_s": 1.0, "n": 8, "reps": 1, "dtype": "bfloat16"}
+        mp.setattr(bench, "TorchOfficialStep", self.torch_cls)
+        mp.setattr(bench, "build_jax_bench", lambda config: self.jax)
+        mp.setattr(bench, "compute_peaks", lambda config, n, reps: (peak, peak))
+        return self
+
 
 @pytest.mark.parametrize("turn_warmup", [0, 1])
 def test_official_rounds_open_each_turn_with_untimed_steps(monkeypatch, turn_warmup):
-    sides = _FakeSides()
-    peak = {"flops_per_s": 1e12, "median_s": 1.0, "n": 8, "reps": 1, "dtype": "bfloat16"}
-    monkeypatch.setattr(bench, "TorchOfficialStep", sides.torch_cls)
-    monkeypatch.setattr(bench, "build_jax_bench", lambda config: sides.jax)
-    monkeypatch.setattr(bench, "compute_peaks", lambda config, n, reps: (peak, peak))
+    sides = _FakeSides().install(monkeypatch)
     config = c2i_s2_256.get_config()
     res = bench.run_official_bench(config, official_repo="/x", torch_python=sys.executable,
                                    rounds=4, round_steps=2, turn_warmup=turn_warmup, warmup=1)
@@ -303,22 +307,17 @@ def test_official_rounds_open_each_turn_with_untimed_steps(monkeypatch, turn_war
                                  turn_warmup=-1)
 
 
-def test_torch_side_allocator_is_glibc_default_unless_asked():
+def test_torch_side_allocator_is_glibc_default_unless_asked(monkeypatch):
     """The official step runs without tim_jax's GLIBC_TUNABLES and XLA_FLAGS; ``--torch-glibc-
     tunables`` sets a value for it (e.g. huge pages only), reported with the result."""
     environ = {"GLIBC_TUNABLES": "glibc.malloc.arena_max=1", "XLA_FLAGS": "--x", "PATH": "/bin"}
     assert bench.torch_env(environ) == {"PATH": "/bin"}
     assert bench.torch_env(environ, "glibc.malloc.hugetlb=1") == {
         "PATH": "/bin", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
-    sides = _FakeSides()
-    peak = {"flops_per_s": 1e12, "median_s": 1.0, "n": 8, "reps": 1, "dtype": "bfloat16"}
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(bench, "TorchOfficialStep", sides.torch_cls)
-        mp.setattr(bench, "build_jax_bench", lambda config: sides.jax)
-        mp.setattr(bench, "compute_peaks", lambda config, n, reps: (peak, peak))
-        res = bench.run_official_bench(c2i_s2_256.get_config(), official_repo="/x",
-                                       torch_python=sys.executable, rounds=1, warmup=0,
-                                       torch_glibc_tunables="glibc.malloc.hugetlb=1")
+    sides = _FakeSides().install(monkeypatch)
+    res = bench.run_official_bench(c2i_s2_256.get_config(), official_repo="/x",
+                                   torch_python=sys.executable, rounds=1, warmup=0,
+                                   torch_glibc_tunables="glibc.malloc.hugetlb=1")
     assert sides.torch_tunables == "glibc.malloc.hugetlb=1"
     assert res["torch"]["glibc_tunables"] == "glibc.malloc.hugetlb=1"
     report = bench.format_official_report(res)
