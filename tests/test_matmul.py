@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from tim_jax.autodiff import forward_mode, in_forward_mode
 from tim_jax.models import layers as L
@@ -164,8 +165,6 @@ def test_norm_rope_equals_layer_norm_then_rope(with_norm):
     of ``apply_rope(layer_norm(x) * scale + bias)``: float32 value and gradients (x, scale,
     bias) tight; with a bf16 output the gradients stay float32 and within bf16 accuracy;
     inside forward_mode the tangent is the plain one."""
-    from flax import nnx
-
     rng = np.random.default_rng(3)
     x = jnp.asarray(rng.standard_normal((2, 3, 16, 8)) * 2 + 0.5, jnp.float32)  # (B, H, L, Dh)
     w = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
@@ -217,8 +216,6 @@ def test_dense_silu_glu_equals_dense_then_silu_glu(use_bias):
     value and gradients (x, kernel, bias) tight; in bf16 the input gradient is bf16, the
     parameter gradients float32, all within bf16 accuracy of the float32 ones; inside
     forward_mode the tangent is the plain one."""
-    from flax import nnx
-
     rng = np.random.default_rng(7)
     x = jnp.asarray(rng.standard_normal((2, 6, 8)), jnp.float32)      # 3-D: rows flattened
     w = jnp.asarray(rng.standard_normal((2, 6, 5)), jnp.float32)
@@ -374,8 +371,6 @@ def test_self_attention_with_scaled_rope_equals_scaled_logits():
     (layers.scaled_rope) and runs the attention with scale=1.0: the output and the input
     gradient equal the textbook ``softmax(q k^T * Dh**-0.5) v`` (float32, Dh = 8, whose scale
     is not a power of 2)."""
-    from flax import nnx
-
     rng = np.random.default_rng(5)
     dim, heads, dh = 16, 2, 8
     att = L.SelfAttention(dim, heads, qk_norm=True, distance_aware=False, rngs=nnx.Rngs(1))
