@@ -11,6 +11,7 @@ from flax import nnx
 
 from tim_jax.autodiff import forward_mode, in_forward_mode
 from tim_jax.models import layers as L
+from tim_jax.models import matmul as mm
 from tim_jax.models.matmul import matmul
 
 # (spec, shape of a, shape of b, bias?) -- the network's specs; M = 12 (even: the split path of
@@ -94,6 +95,34 @@ def test_bfloat16_gradients_run_in_bfloat16_and_match_float64(spec, sa, sb, bias
         np.testing.assert_allclose(f64(dc), _sum_to(g64, c.shape), rtol=1e-6)
     np.testing.assert_allclose(
         f64(out), np.einsum(spec, a64, b64) + (0 if c is None else f64(c)), rtol=1e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("spec,sizes,dtype,plan", [
+    ("mi,io->mo", dict(m=12, i=6, o=5), jnp.bfloat16, ("iz,zo->io", "m", "z")),
+    # heads-first projection: the tokens (b, n) are merged into one contracted index
+    ("bni,ithd->tbhnd", dict(b=2, n=6, i=4, t=3, h=2, d=5), jnp.bfloat16,
+     ("iz,zthd->ithd", "bn", "z")),
+    ("bhqd,bhkd->bhqk", dict(b=2, h=3, q=8, d=4, k=8), jnp.bfloat16,
+     ("bhdz,bhzk->bhkd", "q", "z")),
+    ("mi,io->mo", dict(m=7, i=6, o=5), jnp.bfloat16, None),    # odd: no (n/2, 2) split
+    ("mi,io->mo", dict(m=12, i=6, o=5), jnp.float32, None),    # float32: Eigen takes a^T
+])
+def test_weight_gradient_plan(spec, sizes, dtype, plan):
+    assert mm._weight_grad_plan(spec, dtype, sizes) == plan
+
+
+@pytest.mark.parametrize("rows,dtype,transposed", [
+    (12, jnp.bfloat16, True), (7, jnp.bfloat16, False), (12, jnp.float32, False)])
+def test_bfloat16_weight_gradient_residual_is_saved_transposed(rows, dtype, transposed):
+    """The VJP of a bf16 matmul saves its first operand already transposed for the weight
+    gradient (contracted rows last: (in, rows)), written in the forward pass; odd row counts
+    and float32 keep the operand as is. The gradient values are checked by the tests above."""
+    a = jnp.ones((rows, 6), dtype)
+    b = jnp.ones((6, 5), jnp.float32)
+    _, vjp = jax.vjp(lambda a, b: matmul("mi,io->mo", a, b, dtype=dtype), a, b)
+    shapes = [x.shape for x in jax.tree.leaves(vjp) if x.ndim == 2]
+    assert ((6, rows) in shapes) == transposed
+    assert ((rows, 6) in shapes) == (not transposed)
 
 
 def test_forward_mode_is_needed_for_jvp_and_gives_the_plain_tangent():

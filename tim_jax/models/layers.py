@@ -33,7 +33,8 @@ from flax import nnx
 
 from tim_jax.autodiff import in_forward_mode
 from tim_jax.models.attention import attention
-from tim_jax.models.matmul import einsum_f32, matmul, matmul_grads, operand_dtypes
+from tim_jax.models.matmul import (einsum_f32, grad_residuals, matmul, matmul_grads,
+                                   operand_dtypes)
 
 Array = jax.Array
 Axes = tuple  # logical axis names of one parameter, one entry (str or None) per dim
@@ -318,8 +319,9 @@ def _dense_glu(x, kernel, bias, dtype, precision, in_dtypes):
 def _dense_glu_fwd(x, kernel, bias, dtype, precision, in_dtypes):
     del in_dtypes
     x, kernel = x.astype(dtype), kernel.astype(dtype)   # cast once, reused by the backward
+    x_res, x = grad_residuals("mi,io->mo", x, kernel, dtype=dtype)
     y, h = _dense_glu_forward(x, kernel, bias, dtype, precision)
-    return y, (x, kernel, h.astype(dtype))
+    return y, (x_res, kernel, h.astype(dtype))
 
 
 def _dense_glu_bwd(dtype, precision, in_dtypes, res, g):

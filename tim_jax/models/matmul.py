@@ -25,6 +25,11 @@ AVX512-BF16/AMX; figures are GFLOP/s at the TiM shapes):
   contracted indices (the (B, N) tokens of a 3-D input) is merged first. float32 operands are
   left alone (Eigen's f32 kernel takes the transposed operand; a split was 1.1-1.7x slower).
   The result equals the unsplit sum up to float32 summation order.
+* The transpose the bf16 weight gradient needs is made in the forward pass, right after the
+  operand is computed, and saved as the residual instead of the operand
+  (:func:`grad_residuals`): in the backward pass the activation has long left the cache and
+  XLA:CPU's transpose of it ran about 2.5x slower. The weight gradient is then a plain
+  row-major product with one contracted index (S/2 step 1.03x, B/4 1.01x).
 * An output written in another index order than dot_general's (batch, a's free, b's free),
   e.g. the heads-first projections ``"bni,ithd->tbhnd"``, has its cotangent transposed back
   once, not once inside each of the two gradient matmuls.
@@ -133,6 +138,64 @@ def _split_shape(shape, axis, n):
     return (*shape[:axis], n // 2, 2, *shape[axis + 1:])
 
 
+def _canonical_output(sa: str, sb: str, out: str) -> str:
+    """The output indices in the order dot_general produces them: batch, a's free, b's free."""
+    return ("".join(c for c in sa if c in sb and c in out)
+            + "".join(c for c in sa if c in out and c not in sb)
+            + "".join(c for c in sb if c in out and c not in sa))
+
+
+def _weight_grad_plan(spec: str, dtype, sizes: dict) -> tuple[str, str, str] | None:
+    """How the weight gradient ``db = a^T g`` of ``spec`` reads a pre-transposed ``a``, or None.
+
+    For a reduced-precision ``dtype`` whose contraction (the indices ``a`` shares with the
+    output but not with ``b``: the tokens of a Dense input) is one run of indices in the same
+    order in ``a`` and in the canonical output, with an even total size: returns
+    ``(db_spec, run, merged)``, the run merged into the fresh index ``merged`` and moved last in
+    ``a`` (``"mi,mo->io"`` becomes ``"im,mo->io"``: a plain row-major product). ``sizes``: index
+    -> size (only the run's sizes are read)."""
+    if jnp.dtype(dtype) == jnp.float32:
+        return None
+    sa, sb, out = _parse(spec)
+    canon = _canonical_output(sa, sb, out)
+    run = "".join(c for c in sa if c in canon and c not in sb)
+    if not run or run not in sa or run not in canon or math.prod(sizes[c] for c in run) % 2:
+        return None
+    merged = _fresh_index(spec)
+    a_t = sa.replace(run, "") + merged
+    return f"{a_t},{canon.replace(run, merged)}->{sb}", run, merged
+
+
+def _contracted_last(a: Array, sa: str, run: str) -> Array:
+    """``a`` with the index run ``run`` merged into one axis and moved last, materialised as
+    a row-major array: the (n/2, 2) reshape behind an ``optimization_barrier`` keeps XLA from
+    turning the transpose into a relabelled layout (see :func:`grad_einsum_f32`), and the
+    reshape back gives the dot a single contracted index (XLA:CPU's bf16 dot is faster on one
+    contracted index than on two)."""
+    i = sa.index(run)
+    a = jnp.moveaxis(a.reshape(_merge_shape(a.shape, i, len(run))), i, -1)
+    n = a.shape[-1]
+    return jax.lax.optimization_barrier(a.reshape(*a.shape[:-1], n // 2, 2)).reshape(a.shape)
+
+
+def grad_residuals(spec: str, a: Array, b: Array, *, dtype) -> tuple[Array, Array]:
+    """``(a_residual, a_forward)``: what a custom VJP ending in :func:`matmul_grads` saves for
+    the first operand (already cast to ``dtype``), and the ``a`` its forward product uses.
+
+    For a bf16 weight gradient (see :func:`_weight_grad_plan`) the residual is ``a`` transposed
+    for ``db = a^T g``, written in the forward pass right after ``a`` (the two are tied by an
+    ``optimization_barrier``) instead of in the backward pass: there the activation has long
+    left the cache and XLA:CPU's transpose ran 2.5x slower than on a hot array (S/2 step: the
+    backward's bf16 transposes took ~360 ms of thread time). Otherwise ``(a, a)``.
+    S/2 step 1.034-1.036x, B/4 1.005-1.013x (paired, in one process)."""
+    sa, sb, _ = _parse(spec)
+    plan = _weight_grad_plan(spec, dtype, _index_sizes(sa, sb, a, b))
+    if plan is None:
+        return a, a
+    a_t = _contracted_last(a, sa, plan[1])
+    return jax.lax.optimization_barrier((a_t, a))
+
+
 # XLA:CPU's bf16 dot slows down 2-4x once its float32 result outgrows the cache, unless a long
 # contraction hides it (measured with jax 0.10.2 on the 2-core Xeon, (M, K, N): result MiB ->
 # ms, bias and bf16 rounding included): (1024, 768, 4096): 16 -> 5.6; (4096, 384, 2048):
@@ -198,9 +261,11 @@ def _mm(spec, a, b, bias, dtype, precision, out_dtype, in_dtypes):
 def _mm_fwd(spec, a, b, bias, dtype, precision, out_dtype, in_dtypes):
     del in_dtypes
     # Cast once: the residuals are the operands in the compute dtype, what the backward
-    # multiplies with (the cast inside _forward is then a no-op).
+    # multiplies with (the cast inside _forward is then a no-op); ``a`` as grad_residuals
+    # prepares it for the weight gradient.
     a, b = a.astype(dtype), b.astype(dtype)
-    return _forward(spec, a, b, bias, dtype, precision, out_dtype), (a, b)
+    a_res, a = grad_residuals(spec, a, b, dtype=dtype)
+    return _forward(spec, a, b, bias, dtype, precision, out_dtype), (a_res, b)
 
 
 def _mm_bwd(spec, dtype, precision, out_dtype, in_dtypes, res, g):
@@ -218,9 +283,11 @@ def operand_dtypes(a: Array, b: Array, bias: Array | None) -> tuple:
 def matmul_grads(spec: str, a: Array, b: Array, g: Array, *, dtype, precision=None,
                  in_dtypes) -> tuple:
     """The backward pass of :func:`matmul`: ``(da, db, dbias)`` for the cotangent ``g`` of its
-    output, for custom VJPs that end in a matmul (``layers.dense_silu_glu``). ``a``, ``b``: the
-    operands already cast to ``dtype``; ``in_dtypes``: :func:`operand_dtypes` of the original
-    operands (no bias: dbias None). Each gradient comes back in its operand's original dtype."""
+    output, for custom VJPs that end in a matmul (``layers.dense_silu_glu``). ``a``: the first
+    residual of :func:`grad_residuals` (the operand cast to ``dtype``, transposed for the
+    weight gradient where that applies); ``b``: the second operand cast to ``dtype``;
+    ``in_dtypes``: :func:`operand_dtypes` of the original operands (no bias: dbias None). Each
+    gradient comes back in its operand's original dtype."""
     sa, sb, out = _parse(spec)
     a_dtype, b_dtype, bias_info = in_dtypes
     dbias = None
@@ -230,19 +297,23 @@ def matmul_grads(spec: str, a: Array, b: Array, g: Array, *, dtype, precision=No
         axes = tuple(range(lead)) + tuple(lead + i for i, n in enumerate(bias_shape[:-1])
                                           if n == 1)
         dbias = g.astype(jnp.float32).sum(axis=axes).reshape(bias_shape).astype(bias_dtype)
+    plan = _weight_grad_plan(spec, dtype, {**dict(zip(out, g.shape)), **dict(zip(sb, b.shape))})
     g = g.astype(dtype)
     # The output in the order dot_general produces (batch, a's free, b's free): an output
     # written in another order (the heads-first projections) is transposed back ONCE here
     # instead of inside each of the two gradient matmuls.
-    canon = ("".join(c for c in sa if c in sb and c in out)
-             + "".join(c for c in sa if c in out and c not in sb)
-             + "".join(c for c in sb if c in out and c not in sa))
+    canon = _canonical_output(sa, sb, out)
     if canon != out:
         g = jnp.transpose(g, [out.index(c) for c in canon])
         out = canon
     da = grad_einsum_f32(f"{out},{sb}->{sa}", g, b, dtype, precision).astype(a_dtype)
-    db = grad_einsum_f32(f"{sa},{out}->{sb}", a, g, dtype, precision).astype(b_dtype)
-    return da, db, dbias
+    if plan is None:
+        db = grad_einsum_f32(f"{sa},{out}->{sb}", a, g, dtype, precision)
+    else:  # a arrives transposed (grad_residuals): a plain product with g, its run merged
+        db_spec, run, _ = plan
+        g = g.reshape(_merge_shape(g.shape, out.index(run), len(run)))
+        db = einsum_f32(db_spec, a, g, dtype, precision)
+    return da, db.astype(b_dtype), dbias
 
 
 _mm.defvjp(_mm_fwd, _mm_bwd)
