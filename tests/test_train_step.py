@@ -280,6 +280,60 @@ def test_nonfinite_batch_flags_and_keeps_state(setup):
     jax.tree.map(np.testing.assert_array_equal, to_host(after), before)
 
 
+def test_nonfinite_batch_keeps_state_with_a_plain_optax_transformation(setup):
+    """Any other optax transformation (no ``finite`` argument) is guarded by ``lax.cond``."""
+    import optax
+
+    cfg, mesh, state0, shardings, graphdef, _ = setup
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3, b1=0.9, b2=0.95))
+    assert not isinstance(tx, optim.SkipsNonFinite)
+    step = train_step.make_train_step(cfg, graphdef, mesh, shardings, tx=tx)
+    batch = make_batch(cfg)
+    bad = dict(batch, x=batch["x"].at[3, 0, 0, 0].set(jnp.nan))
+    before = to_host(state0)
+    after, metrics = step(fresh(state0), bad)
+    assert float(metrics["finite"]) == 0.0
+    jax.tree.map(np.testing.assert_array_equal, to_host(after), before)
+    after, metrics = step(fresh(state0), batch)
+    assert float(metrics["finite"]) == 1.0 and int(after.step) == int(state0.step) + 1
+
+
+def test_adamw_skipping_nonfinite_equals_optax_adamw_and_skips_exactly():
+    """optim.adamw_skipping_nonfinite: the same state tree as optax.adamw and the same updates
+    and states over several finite steps (bit for bit: the same arithmetic); a step flagged
+    non-finite (NaN gradients, also as the very first step) returns exactly zero updates and
+    the state unchanged, and the run then continues as if the step had not happened."""
+    import optax
+
+    sched = optax.linear_schedule(1e-3, 5e-4, 10)
+    ours = optim.adamw_skipping_nonfinite(sched, b1=0.9, b2=0.95, eps=1e-6, weight_decay=0.01)
+    ref = optax.adamw(sched, b1=0.9, b2=0.95, eps=1e-6, weight_decay=0.01,
+                      mu_dtype=jnp.float32)
+    rng = np.random.default_rng(0)
+    params = {"w": jnp.asarray(rng.standard_normal((3, 4)), jnp.float32),
+              "b": jnp.asarray(rng.standard_normal(4), jnp.float32)}
+    grads = [jax.tree.map(lambda p: jnp.asarray(rng.standard_normal(p.shape), jnp.float32),
+                          params) for _ in range(3)]
+    nan = jax.tree.map(lambda p: jnp.full(p.shape, jnp.nan), params)
+    state, ref_state = ours.init(params), ref.init(params)
+    assert jax.tree.structure(state) == jax.tree.structure(ref_state)
+    eq = lambda a, b: jax.tree.map(np.testing.assert_array_equal, a, b)  # noqa: E731
+    p, p_ref = params, params
+    for i, g in enumerate(grads):
+        for skipped in ((nan, False), (g, False)) if i in (0, 2) else ():
+            u, new_state = ours.update(skipped[0], state, p, finite=skipped[1])
+            eq(u, jax.tree.map(jnp.zeros_like, p))
+            eq(new_state, state)
+        u, state = ours.update(g, state, p, finite=True)
+        u_ref, ref_state = ref.update(g, ref_state, p_ref)
+        eq(u, u_ref)
+        eq(state, ref_state)
+        p, p_ref = optax.apply_updates(p, u), optax.apply_updates(p_ref, u_ref)
+    eq(p, p_ref)
+    with pytest.raises(ValueError, match="needs params"):
+        ours.update(grads[0], state)
+
+
 def _fixed_time_loss(apply_fn, params, batch, rng, *, config, null_cond, ema_params):
     """The full TiM loss (DDE, weights, adaptive weight, dir loss, REPA) with the per-row times
     and noise taken from the batch instead of the rng: a deterministic per-row objective."""

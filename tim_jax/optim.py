@@ -12,10 +12,16 @@ Public API
                                 -> lr (float32). "constant" (optionally with a linear warm-up from
                                 0 over warmup_steps) | "warmup_cosine" (linear warm-up to the peak,
                                 cosine decay to end_lr_ratio * peak at decay_steps)
-``make_optimizer(config)``   -> (optax.GradientTransformation, schedule):
-                                chain(clip_by_global_norm(grad_clip), adamw(schedule, ...))
+``make_optimizer(config)``   -> (SkipsNonFinite, schedule):
+                                chain(clip_by_global_norm(grad_clip), adamw(schedule, ...)),
+                                the AdamW being ``adamw_skipping_nonfinite``
 ``clip_by_global_norm(max_norm)`` -> optax's clip rule as one scalar factor; it takes the norm
                                 the caller already has: ``tx.update(..., grad_norm=norm)``
+``adamw_skipping_nonfinite(...)`` -> ``optax.adamw`` (same state, same arithmetic) that takes
+                                ``tx.update(..., finite=flag)``: exactly no update and an
+                                unchanged state when the flag is False, without a ``lax.cond``
+``SkipsNonFinite``           -> the marker type of such a transformation (what make_optimizer
+                                returns): the train step passes ``finite`` instead of a cond
 
 Gradient accumulation is NOT done here (no ``optax.MultiSteps``): the train step averages the
 micro-batch gradients itself inside one jit, so one optimizer update = one TrainState.step.
@@ -31,7 +37,7 @@ import optax
 SCHEDULES = ("constant", "warmup_cosine")
 
 __all__ = ["SCHEDULES", "effective_lr", "make_schedule", "make_optimizer",
-           "clip_by_global_norm"]
+           "clip_by_global_norm", "adamw_skipping_nonfinite", "SkipsNonFinite"]
 
 
 def effective_lr(config: Any) -> float:
@@ -101,6 +107,56 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformationExtraArg
     return optax.GradientTransformationExtraArgs(optax.init_empty_state, update_fn)
 
 
+class SkipsNonFinite(optax.GradientTransformationExtraArgs):
+    """A transformation whose ``update(..., finite=flag)`` returns exactly zero updates and the
+    state unchanged when ``flag`` is False (a bool scalar). The train step then applies the
+    update unconditionally (with the EMA and step count masked the same way) instead of under
+    ``lax.cond``: XLA:CPU ran the update inside the cond ~5 % slower per B/4 step, and a
+    ``jnp.where`` between new and old state costs one more pass per tensor (0.90x)."""
+
+
+def adamw_skipping_nonfinite(learning_rate: Callable[[Any], Any], *, b1: float, b2: float,
+                             eps: float, weight_decay: float) -> optax.GradientTransformationExtraArgs:
+    """``optax.adamw(learning_rate, b1, b2, eps, weight_decay=weight_decay, mu_dtype=float32)``
+    (the same state tree: ScaleByAdamState, EmptyState, ScaleByScheduleState; the same
+    arithmetic, so the same updates when finite) whose ``update`` takes the extra argument
+    ``finite``. When it is False the gradients are replaced by 0 and every coefficient is
+    switched so that the step is an exact no-op within the same elementwise passes: the
+    moments as ``1 * m + 0 * 0``, the counts not incremented, the update ``0 * u`` (u stays
+    finite: the bias correction uses ``count + 1`` even then). ``params`` is required."""
+    b1, b2, eps, weight_decay = float(b1), float(b2), float(eps), float(weight_decay)
+    reference = optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
+                            mu_dtype=jnp.float32)
+
+    def update_fn(updates, state, params=None, *, finite=True, **extra_args):
+        del extra_args
+        if params is None:
+            raise ValueError("adamw_skipping_nonfinite needs params (weight decay)")
+        adam, decay_state, schedule_state = state
+        ok = jnp.asarray(finite, bool)
+        coef = lambda value, skip: jnp.where(ok, value, skip).astype(jnp.float32)  # noqa: E731
+        c1, a1, c2, a2 = coef(1.0 - b1, 0.0), coef(b1, 1.0), coef(1.0 - b2, 0.0), coef(b2, 1.0)
+        g = jax.tree.map(lambda u: jnp.where(ok, u, jnp.zeros_like(u)), updates)
+        mu = jax.tree.map(lambda g, m: c1 * g + a1 * m, g, adam.mu)            # as optax
+        nu = jax.tree.map(lambda g, v: c2 * (g ** 2) + a2 * v, g, adam.nu)
+        count = optax.safe_increment(adam.count)        # the bias correction's count, >= 1
+        mu_hat = optax.tree.bias_correction(mu, b1, count)
+        nu_hat = optax.tree.bias_correction(nu, b2, count)
+        step_size = jnp.where(ok, -learning_rate(schedule_state.count), 0.0)
+        new = jax.tree.map(
+            lambda m, v, p: jnp.asarray(step_size, m.dtype) * (
+                m / (jnp.sqrt(v + 0.0) + eps) + weight_decay * p), mu_hat, nu_hat, params)
+        keep = lambda inc, old: jnp.where(ok, inc, old)  # noqa: E731
+        new_state = (optax.ScaleByAdamState(count=keep(count, adam.count), mu=mu,
+                                            nu=optax.tree.cast_like(nu, adam.nu)),
+                     decay_state,
+                     optax.ScaleByScheduleState(count=keep(
+                         optax.safe_increment(schedule_state.count), schedule_state.count)))
+        return new, new_state
+
+    return optax.GradientTransformationExtraArgs(reference.init, update_fn)
+
+
 def make_optimizer(config: Any) -> tuple[optax.GradientTransformation, Callable[[Any], Any]]:
     """``(tx, schedule)``: ``chain(clip_by_global_norm(optim.grad_clip), adamw(schedule))``.
 
@@ -117,8 +173,7 @@ def make_optimizer(config: Any) -> tuple[optax.GradientTransformation, Callable[
     if op.weight_decay < 0:
         raise ValueError(f"optim.weight_decay must be >= 0, got {op.weight_decay}")
     schedule = make_schedule(config)
-    adamw = optax.adamw(schedule, b1=float(op.b1), b2=float(op.b2), eps=float(op.eps),
-                        weight_decay=float(op.weight_decay), mu_dtype=jnp.float32)
-    if op.grad_clip > 0:
-        return optax.chain(clip_by_global_norm(float(op.grad_clip)), adamw), schedule
-    return adamw, schedule
+    adamw = adamw_skipping_nonfinite(schedule, b1=float(op.b1), b2=float(op.b2),
+                                     eps=float(op.eps), weight_decay=float(op.weight_decay))
+    tx = optax.chain(clip_by_global_norm(float(op.grad_clip)), adamw) if op.grad_clip > 0 else adamw
+    return SkipsNonFinite(tx.init, tx.update), schedule
