@@ -145,7 +145,7 @@ def adamw_skipping_nonfinite(learning_rate: Callable[[Any], Any], *, b1: float, 
         step_size = jnp.where(ok, -learning_rate(schedule_state.count), 0.0)
         new = jax.tree.map(
             lambda m, v, p: jnp.asarray(step_size, m.dtype) * (
-                m / (jnp.sqrt(v + 0.0) + eps) + weight_decay * p), mu_hat, nu_hat, params)
+                m / (jnp.sqrt(v) + eps) + weight_decay * p), mu_hat, nu_hat, params)
         keep = lambda inc, old: jnp.where(ok, inc, old)  # noqa: E731
         new_state = (optax.ScaleByAdamState(count=keep(count, adam.count), mu=mu,
                                             nu=optax.tree.cast_like(nu, adam.nu)),

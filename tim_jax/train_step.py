@@ -249,11 +249,13 @@ def train_step_fn(config: Any, graphdef, *, tx: optax.GradientTransformation,
             updates, opt_state = tx.update(grads, state.opt_state, state.params, **extra)
             params = optax.apply_updates(state.params, updates)
             ema = {}
-            for d in decays:  # optax.incremental_update's arithmetic; (0, 1) when not finite
-                new_w = jnp.where(finite, 1.0 - d, 0.0) if guarded else 1.0 - d
-                old_w = jnp.where(finite, 1.0 - (1.0 - d), 1.0) if guarded else 1.0 - (1.0 - d)
-                ema[ema_key(d)] = jax.tree.map(lambda n, o: new_w * n + old_w * o, params,
-                                               state.ema_params[ema_key(d)])
+            for d in decays:  # optax.incremental_update's weights; (0, 1) when not finite
+                w_new, w_old = 1.0 - d, 1.0 - (1.0 - d)
+                if guarded:
+                    w_new, w_old = jnp.where(finite, w_new, 0.0), jnp.where(finite, w_old, 1.0)
+                key = ema_key(d)
+                ema[key] = jax.tree.map(lambda n, o: w_new * n + w_old * o, params,
+                                        state.ema_params[key])
             step = state.step + (finite.astype(state.step.dtype) if guarded else 1)
             return state.replace(step=step, params=params, ema_params=ema, opt_state=opt_state)
 

@@ -145,14 +145,14 @@ def _canonical_output(sa: str, sb: str, out: str) -> str:
             + "".join(c for c in sb if c in out and c not in sa))
 
 
-def _weight_grad_plan(spec: str, dtype, sizes: dict) -> tuple[str, str, str] | None:
+def _weight_grad_plan(spec: str, dtype, sizes: dict) -> tuple[str, str] | None:
     """How the weight gradient ``db = a^T g`` of ``spec`` reads a pre-transposed ``a``, or None.
 
     For a reduced-precision ``dtype`` whose contraction (the indices ``a`` shares with the
     output but not with ``b``: the tokens of a Dense input) is one run of indices in the same
     order in ``a`` and in the canonical output, with an even total size: returns
-    ``(db_spec, run, merged)``, the run merged into the fresh index ``merged`` and moved last in
-    ``a`` (``"mi,mo->io"`` becomes ``"im,mo->io"``: a plain row-major product). ``sizes``: index
+    ``(db_spec, run)``, the run merged into one fresh index and moved last in ``a``
+    (``"mi,mo->io"`` becomes ``"iz,zo->io"``: a plain row-major product). ``sizes``: index
     -> size (only the run's sizes are read)."""
     if jnp.dtype(dtype) == jnp.float32:
         return None
@@ -163,7 +163,7 @@ def _weight_grad_plan(spec: str, dtype, sizes: dict) -> tuple[str, str, str] | N
         return None
     merged = _fresh_index(spec)
     a_t = sa.replace(run, "") + merged
-    return f"{a_t},{canon.replace(run, merged)}->{sb}", run, merged
+    return f"{a_t},{canon.replace(run, merged)}->{sb}", run
 
 
 def _contracted_last(a: Array, sa: str, run: str) -> Array:
@@ -192,7 +192,8 @@ def grad_residuals(spec: str, a: Array, b: Array, *, dtype) -> tuple[Array, Arra
     plan = _weight_grad_plan(spec, dtype, _index_sizes(sa, sb, a, b))
     if plan is None:
         return a, a
-    a_t = _contracted_last(a, sa, plan[1])
+    _, run = plan
+    a_t = _contracted_last(a, sa, run)
     return jax.lax.optimization_barrier((a_t, a))
 
 
@@ -310,7 +311,7 @@ def matmul_grads(spec: str, a: Array, b: Array, g: Array, *, dtype, precision=No
     if plan is None:
         db = grad_einsum_f32(f"{sa},{out}->{sb}", a, g, dtype, precision)
     else:  # a arrives transposed (grad_residuals): a plain product with g, its run merged
-        db_spec, run, _ = plan
+        db_spec, run = plan
         g = g.reshape(_merge_shape(g.shape, out.index(run), len(run)))
         db = einsum_f32(db_spec, a, g, dtype, precision)
     return da, db.astype(b_dtype), dbias
