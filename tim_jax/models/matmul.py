@@ -29,7 +29,7 @@ AVX512-BF16/AMX; figures are GFLOP/s at the TiM shapes):
   operand is computed, and saved as the residual instead of the operand
   (:func:`grad_residuals`): in the backward pass the activation has long left the cache and
   XLA:CPU's transpose of it ran about 2.5x slower. The weight gradient is then a plain
-  row-major product with one contracted index (S/2 step 1.03x, B/4 1.01x).
+  row-major product with one contracted index (S/2 step 1.029-1.036x, B/4 1.005-1.013x).
 * An output written in another index order than dot_general's (batch, a's free, b's free),
   e.g. the heads-first projections ``"bni,ithd->tbhnd"``, has its cotangent transposed back
   once, not once inside each of the two gradient matmuls.
@@ -187,7 +187,7 @@ def grad_residuals(spec: str, a: Array, b: Array, *, dtype) -> tuple[Array, Arra
     ``optimization_barrier``) instead of in the backward pass: there the activation has long
     left the cache and XLA:CPU's transpose ran 2.5x slower than on a hot array (S/2 step: the
     backward's bf16 transposes took ~360 ms of thread time). Otherwise ``(a, a)``.
-    S/2 step 1.034-1.036x, B/4 1.005-1.013x (paired, in one process)."""
+    S/2 step 1.029-1.036x, B/4 1.005-1.013x (paired, in one process)."""
     sa, sb, _ = _parse(spec)
     plan = _weight_grad_plan(spec, dtype, _index_sizes(sa, sb, a, b))
     if plan is None:
