@@ -157,8 +157,10 @@ def adamw_skipping_nonfinite(learning_rate: Callable[[Any], Any], *, b1: float, 
     return optax.GradientTransformationExtraArgs(reference.init, update_fn)
 
 
-def make_optimizer(config: Any) -> tuple[optax.GradientTransformation, Callable[[Any], Any]]:
-    """``(tx, schedule)``: ``chain(clip_by_global_norm(optim.grad_clip), adamw(schedule))``.
+def make_optimizer(config: Any) -> tuple[SkipsNonFinite, Callable[[Any], Any]]:
+    """``(tx, schedule)``: ``chain(clip_by_global_norm(optim.grad_clip), adamw(schedule))``,
+    the AdamW being :func:`adamw_skipping_nonfinite` and ``tx`` a :class:`SkipsNonFinite`
+    (``tx.update(..., grad_norm=norm, finite=flag)``).
 
     The clip is left out when ``optim.grad_clip <= 0``. Weight decay applies to every parameter,
     as officially (torch AdamW over ``model.parameters()``). ``tx`` is a static object: the
