@@ -11,11 +11,11 @@ Sections (each field is documented where it is set below):
   model            network constructor values (official names) + JAX-side knobs
   transport        the time parameterisation (``tim_jax.transports.make_transport``)
   objective        the TiM loss (``tim_jax.objective.ObjectiveConfig``)
-  optim            AdamW + schedule + clipping + gradient accumulation (``tim_jax.optim``)
+  optim            AdamW + schedule + clipping + gradient accumulation (``tim_jax.training.optimizer``)
   ema              EMA decays, updated inside the train step
   data             data source and the *global* batch
-  mesh             device mesh sizes (``tim_jax.sharding.make_mesh``)
-  sharding_rules   logical param/activation axis -> mesh axes (``tim_jax.sharding``)
+  mesh             device mesh sizes (``tim_jax.training.sharding.make_mesh``)
+  sharding_rules   logical param/activation axis -> mesh axes (``tim_jax.training.sharding``)
   train            loop length and logging cadence
   ckpt             Orbax checkpointing
   sample           periodic sampling during training
@@ -59,7 +59,7 @@ def get_config() -> ml_collections.ConfigDict:
     m.distance_aware = True        # interval-aware attention (qkv += Linear(E_delta))
     m.qk_norm = True               # LayerNorm on q and k (per head)
     # JAX-side knobs.
-    m.dtype = "float32"            # compute dtype of matmuls: "float32" | "bfloat16". Params,
+    m.dtype = "float32"            # compute dtype of matmuls: "float32" | "bfloat16" | "auto". Params,
                                    # optimizer state, softmax, norms and the loss stay float32.
     m.scan_blocks = False          # stack the blocks and run them with a scan (shorter compile
                                    # for deep models; params get a leading 'layers' axis)
@@ -100,10 +100,13 @@ def get_config() -> ml_collections.ConfigDict:
     ob.use_dir_loss = True         # add the per-pixel channel cosine (directional) loss
     ob.adaptive_eps = 1e-5         # adaptive weight 1 / (stop_grad(L_i) + adaptive_eps)
     ob.repa_coeff = 1.0            # REPA cosine-loss coefficient (0 disables the projector loss)
+    ob.repa_encoder = ""           # "" (targets from the data, or none) | "dinov2" | "radio": run
+                                   # the frozen encoder on batch["image"] inside the train step
+    ob.repa_encoder_path = ""      # its folder (config.json + model.safetensors)
     ob.label_dropout = 0.1         # probability that a row's condition is replaced by null_cond
 
     # ------------------------------------------------------------------------------------------
-    # optim: AdamW + schedule (tim_jax.optim.make_optimizer).
+    # optim: AdamW + schedule (tim_jax.training.optimizer.make_optimizer).
     op = config.optim = ml_collections.ConfigDict()
     op.lr = 1e-4                   # peak lr at base_batch_size; see scale_lr
     op.base_batch_size = 256       # batch size at which lr is quoted
@@ -131,13 +134,24 @@ def get_config() -> ml_collections.ConfigDict:
     # data.
     d = config.data = ml_collections.ConfigDict()
     d.source = "synthetic"         # "synthetic" (random latents/labels, for tests and smoke runs)
-                                   # | "array" (pre-computed latents on disk, see tim_jax.data)
-    d.path = ""                    # "array": path of the latent dataset
+                                   # | "array" (pre-computed latents on disk, see tim_jax.data.pipeline)
+                                   # | "arrayrecord" (a directory from `python -m tim_jax.prepare`)
+    d.path = ""                    # "array": .npz file or .npy directory; "arrayrecord": the
+                                   # prepared directory (manifest.json + ArrayRecord shards)
+    d.flip = True                  # "arrayrecord": per record and epoch, the latent of the mirrored
+                                   # crop with p = 0.5 (seeded, deterministic), as the official loader
+    d.images = False               # "arrayrecord": batches also carry "image" (B, H, W, 3) uint8, the
+                                   # crop (mirrored with its latent; needs prepare --keep-images):
+                                   # the input of objective.repa_encoder
+    d.bucket_index = ""            # "arrayrecord", native resolution: .npy cache of per-record latent
+                                   # shapes; "" -> the directory's latent_shapes.npy, else read all
+    d.read_threads = 2             # "arrayrecord": host batches assembled concurrently per pipeline
+    d.read_buffer = 4              # "arrayrecord": host batches read ahead per pipeline
     d.global_batch_size = 256      # rows per optimizer step, over all devices and hosts; must
                                    # divide by the device count (x grad_accum_steps)
     d.use_repa_target = True       # batches carry "repa_target" (B, tokens, model.z_dim)
     d.repa_tokens = -1             # tokens of the REPA target; -1 -> (input_size / patch_size)^2
-    d.shuffle = True               # "array": shuffle each epoch (seeded from config.seed)
+    d.shuffle = True               # "array"/"arrayrecord": shuffle each epoch (seeded from config.seed)
     d.num_workers = 0              # grain worker processes (0 = in-process; enough on CPU)
     d.prefetch = 2                 # batches prefetched to device ahead of the step
     d.caption_length = 16          # t2i "synthetic": caption tokens per row
@@ -175,7 +189,7 @@ def get_config() -> ml_collections.ConfigDict:
     sr.min_shard_size = 2 ** 18    # params with fewer elements (1 MiB at fp32) are replicated
 
     # ------------------------------------------------------------------------------------------
-    # train: the loop (tim_jax.train).
+    # train: the loop (tim_jax.training.loop).
     t = config.train = ml_collections.ConfigDict()
     t.num_steps = 750_000          # optimizer steps to run
     t.log_every = 100              # steps between metric writes (host sync only then)
@@ -184,7 +198,7 @@ def get_config() -> ml_collections.ConfigDict:
     t.profile_steps = ()           # optional (start, stop) step range for a jax.profiler trace
 
     # ------------------------------------------------------------------------------------------
-    # ckpt: Orbax CheckpointManager (tim_jax.checkpointing).
+    # ckpt: Orbax CheckpointManager (tim_jax.training.checkpointing).
     c = config.ckpt = ml_collections.ConfigDict()
     c.every_steps = 2000           # save cadence in steps (and at the end of the run)
     c.keep = 2                     # checkpoints kept (official checkpoints_total_limit)
@@ -203,9 +217,11 @@ def get_config() -> ml_collections.ConfigDict:
     s.cfg_high = 1.0
     s.stochasticity_ratio = 0.0    # SDE noise ratio of the transition sampler
     s.mode = "transition"          # "transition" | "diffusion"
+    s.vae = ""                     # autoencoder Hub folder (e.g. stabilityai/sd-vae-ft-ema) to
+                                   # decode the grids to pictures; "": show raw latent channels
 
     # ------------------------------------------------------------------------------------------
-    # log: metric writers (tim_jax.metrics).
+    # log: metric writers (tim_jax.training.metrics).
     lg = config.log = ml_collections.ConfigDict()
     lg.tensorboard = True          # write TensorBoard events to <workdir>/tb
     lg.jsonl = True                # append metrics to <workdir>/metrics.jsonl

@@ -11,7 +11,7 @@ from tim_jax.models import presets
 def get_config() -> ml_collections.ConfigDict:
     config = base.get_config()
     config.model = presets.model_config("c2i_b2_256", **presets.knobs_of(config.model))
-    config.model.dtype = "bfloat16"  # official mixed_precision: bf16
+    config.model.dtype = "auto"  # bf16 where native (GPU, TPU, CPUs with AVX512-BF16/AMX), else fp32
     config.train.num_steps = 100_000
     config.ckpt.keep_steps = (100_000, 200_000, 300_000)
     return config

@@ -36,7 +36,7 @@ def get_config() -> ml_collections.ConfigDict:
     m.projector_dim = 2048
     m.z_dim = 768
     m.num_classes = 1000
-    m.dtype = "bfloat16"  # official mixed_precision: bf16 (--config.model.dtype=float32 for fp32)
+    m.dtype = "auto"  # bf16 where native (GPU, TPU, CPUs with AVX512-BF16/AMX), else fp32
 
     config.data.global_batch_size = 256
     config.train.num_steps = 400_000

@@ -2,16 +2,27 @@
 # The project's test command: installs tim_jax with its test extra into the active Python
 # environment (or a fresh ./.venv when none is active) and runs the test suite.
 # README and CI both call this script, so they cannot drift.
+#   launch/test.sh [--dry-run] [pytest arguments ...]
+# --dry-run prints the commands (venv, pip install, pytest with its environment) and runs none.
 set -euo pipefail
+source "$(dirname "$0")/common.sh"
+dry_run_args "$@"; set -- ${ARGS[@]+"${ARGS[@]}"}
 cd "$(dirname "$0")/.."
 if [ -z "${VIRTUAL_ENV:-}" ]; then
-  [ -x .venv/bin/python ] || python3 -m venv .venv
-  # shellcheck disable=SC1091
-  . .venv/bin/activate
+  if [ ! -x .venv/bin/python ]; then run python3 -m venv .venv; fi
+  if [ "$DRY_RUN" = 1 ]; then
+    print_command . .venv/bin/activate
+  else
+    # shellcheck disable=SC1091
+    . .venv/bin/activate
+  fi
 fi
-python -m pip install -q --upgrade pip >/dev/null
-python -m pip install -q -e ".[test]"
-export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-${TMPDIR:-/tmp}/tim_jax_jax_cache}"
-export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0
-export JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES=0
-exec python -m pytest "$@"
+if [ "$DRY_RUN" = 1 ]; then
+  run python -m pip install -q --upgrade pip
+else
+  python -m pip install -q --upgrade pip >/dev/null
+fi
+run python -m pip install -q -e ".[test]"
+cache="${JAX_COMPILATION_CACHE_DIR:-${TMPDIR:-/tmp}/tim_jax_jax_cache}"
+run_exec env JAX_COMPILATION_CACHE_DIR="$cache" JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0 \
+  JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES=0 python -m pytest "$@"

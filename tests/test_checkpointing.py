@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from tim_jax import checkpointing, data
-from tim_jax.checkpointing import Checkpointer
+from tim_jax.training import checkpointing, export
+from tim_jax.data import pipeline as data
+from tim_jax.training.checkpointing import Checkpointer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -85,7 +86,8 @@ def test_train_state_restores_onto_another_mesh(tmp_path):
     """The real TrainState of configs/debug_cpu.py: saved from data x fsdp = 8 x 1, restored
     into abstract arrays carrying the 2 x 4 shardings -> the same values, the new layout."""
     from configs import debug_cpu
-    from tim_jax import sharding, train_state as ts
+    from tim_jax.training import sharding
+    from tim_jax.training import state as ts
 
     cfg8 = debug_cpu.get_config()
     cfg8.mesh.data, cfg8.mesh.fsdp = 8, 1
@@ -141,7 +143,7 @@ def test_check_compatible_names_the_differences(tmp_path):
 _KILL_SCRIPT = textwrap.dedent("""
     import os, signal, sys
     import jax, jax.numpy as jnp
-    from tim_jax.checkpointing import Checkpointer
+    from tim_jax.training.checkpointing import Checkpointer
     ck = Checkpointer(sys.argv[1], every_steps=1, keep=5)
     big = lambda v: {"w%d" % i: jnp.full((4, 2**20), v, jnp.float32) for i in range(24)}  # 384 MB
     ck.save(1, big(1.0)); ck.wait()
@@ -184,9 +186,9 @@ def test_export_ema_and_load(tmp_path):
     with Checkpointer(tmp_path / "run", every_steps=1) as ck:
         ck.save(3, state, config=config)
     with pytest.raises(ValueError, match=r"several EMA copies \['0.999', '0.9999'\]"):
-        checkpointing.export_ema(tmp_path / "run", None, tmp_path / "out")
-    out = checkpointing.export_ema(tmp_path / "run", 3, tmp_path / "out", decay="0.9999")
-    params, info = checkpointing.load_ema(out)
+        export.export_ema(tmp_path / "run", None, tmp_path / "out")
+    out = export.export_ema(tmp_path / "run", 3, tmp_path / "out", decay="0.9999")
+    params, info = export.load_ema(out)
     assert info == {"step": 3, "decay": "0.9999", "config": config}
     assert set(params) == {"w", "b"} and isinstance(params["w"], np.ndarray)
     assert np.all(params["w"] == 2.0) and np.all(params["b"] == 3.0)
@@ -194,7 +196,7 @@ def test_export_ema_and_load(tmp_path):
     sh = NamedSharding(_mesh(2, 4), P("fsdp", None))
     target = {"w": jax.ShapeDtypeStruct((16, 4), jnp.float32, sharding=sh),
               "b": jax.ShapeDtypeStruct((4,), jnp.float32, sharding=NamedSharding(sh.mesh, P()))}
-    placed, _ = checkpointing.load_ema(out, target)
+    placed, _ = export.load_ema(out, target)
     assert placed["w"].sharding == sh and np.all(np.asarray(placed["w"]) == 2.0)
     with pytest.raises(ValueError, match="no checkpoint"):
-        checkpointing.export_ema(tmp_path / "empty", None, tmp_path / "out2")
+        export.export_ema(tmp_path / "empty", None, tmp_path / "out2")

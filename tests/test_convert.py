@@ -1,15 +1,20 @@
-"""Official checkpoint import/export (tim_jax.convert) on the c2i_tiny fixture and small variants."""
+"""Official checkpoint import/export (python -m tim_jax.convert, tim_jax.interop.*) on the c2i_tiny
+fixture (official TiM state dict, random weights) and small variants. Round trips are bit-exact:
+the conversion only transposes, splits and concatenates float32 tensors."""
 import json
 import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
+from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 from conftest import REPO_ROOT, parity_path
-from tim_jax import convert
+from tim_jax.interop import convert
+from tim_jax.models import functional
 
 
 @pytest.fixture(scope="module")
@@ -193,19 +198,10 @@ def test_import_export_import_roundtrip(fixture, scan, tmp_path):
         assert exported[k].dtype == np.float32
         np.testing.assert_array_equal(exported[k], sd[k])
     again = convert.official_to_params(convert.load_official_state_dict(out), cfg)
-    from flax import nnx
-
-    a, b = nnx.to_pure_dict(params), nnx.to_pure_dict(again)
-    import jax
-
-    jax.tree.map(np.testing.assert_array_equal, a, b)
+    jax.tree.map(np.testing.assert_array_equal, nnx.to_pure_dict(params), nnx.to_pure_dict(again))
 
 
 def test_params_match_the_model_structure(fixture, cfg):
-    from flax import nnx
-
-    from tim_jax.models import functional
-
     params = convert.official_to_params(fixture[2], cfg)
     want = jax_shapes(nnx.to_pure_dict(functional.abstract_params(cfg)))
     got = jax_shapes(nnx.to_pure_dict(params))
@@ -213,8 +209,6 @@ def test_params_match_the_model_structure(fixture, cfg):
 
 
 def jax_shapes(tree):
-    import jax
-
     return jax.tree.map(lambda x: tuple(x.shape), tree)
 
 
@@ -223,8 +217,6 @@ def jax_shapes(tree):
 # ----------------------------------------------------------------------------------------------
 def test_cli_convert_then_load_gives_the_official_outputs(fixture, tmp_path):
     import jax.numpy as jnp
-
-    from tim_jax.models import functional
 
     d, _, sd = fixture
     out = tmp_path / "converted"
@@ -240,8 +232,6 @@ def test_cli_convert_then_load_gives_the_official_outputs(fixture, tmp_path):
 
     cfg, params = convert.load_converted(out)
     io = np.load(d / "io.npz")
-    import jax
-
     apply_fn = jax.jit(functional.make_apply_fn(functional.abstract_model(cfg)[0]),
                        static_argnames="return_proj")
     x = jnp.asarray(np.moveaxis(io["case0/x"], 1, -1))
@@ -253,15 +243,70 @@ def test_cli_convert_then_load_gives_the_official_outputs(fixture, tmp_path):
     np.testing.assert_allclose(np.asarray(h), io["case0/h_proj"], rtol=0,
                                atol=1e-5 * np.abs(io["case0/h_proj"]).max())
 
-    # the same directory restacked for scan_blocks, and exported back through the CLI
+    # the same directory restacked for scan_blocks
     _, scanned = convert.load_converted(out, scan_blocks=True)
     back = convert.params_to_official(scanned)
     for k in sd:
         np.testing.assert_array_equal(back[k], sd[k])
+
+    # exported back with the README's command: every tensor of the official file, bit-exact
     exported = tmp_path / "exported.safetensors"
-    assert convert.main(["--export", "--out", str(out), "--official", str(exported)]) == 0
-    ex = load_file(str(exported))
-    assert ex.keys() == sd.keys() and all(np.array_equal(ex[k], sd[k]) for k in sd)
+    assert convert.main(["--export", str(out), "--out", str(exported)]) == 0
+    _assert_same_state_dict(load_file(str(exported)), sd)
+
+
+def _assert_same_state_dict(got: dict, want: dict) -> None:
+    assert got.keys() == want.keys()
+    for k in want:
+        assert got[k].dtype == np.float32 and got[k].shape == want[k].shape, k
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+
+
+def test_cli_exports_a_training_runs_ema_export(fixture, tmp_path, capsys):
+    """A run's checkpoint (scanned blocks, EMA params = the fixture's weights) through
+    `python -m tim_jax.training.export` and then `python -m tim_jax.convert --export`: the
+    official file is the fixture's state dict again, bit-exact."""
+    from tim_jax.training import export
+    from tim_jax.training.checkpointing import Checkpointer
+
+    d, official, sd = fixture
+    cfg = convert.model_config_from_official(official, scan_blocks=True)
+    ema = nnx.to_pure_dict(convert.official_to_params(sd, cfg))
+    raw = jax.tree.map(lambda a: a * 0 + 1, ema)  # online params: differ from the EMA ones
+    with Checkpointer(tmp_path / "run", every_steps=1) as ck:
+        ck.save(5, {"params": raw, "ema_params": ema}, config={"model": cfg.to_dict()})
+    export.export_ema(tmp_path / "run", None, tmp_path / "ema")
+    out = tmp_path / "ema_official.safetensors"
+    assert convert.main(["--export", str(tmp_path / "ema"), "--out", str(out)]) == 0, \
+        capsys.readouterr().err
+    _assert_same_state_dict(load_file(str(out)), sd)
+
+
+def test_cli_arguments(tmp_path, capsys):
+    for argv in (["--help"], ["-h"]):
+        with pytest.raises(SystemExit) as e:
+            convert.main(argv)
+        assert e.value.code == 0
+        text = capsys.readouterr().out
+        assert "--export DIR --out FILE.safetensors" in text and "--official FILE" in text
+    wrong = {
+        "--out": (["--export", str(tmp_path)], "the following arguments are required: --out"),
+        "neither": (["--out", str(tmp_path / "o")], "give --official FILE"),
+        "both": (["--official", "a.safetensors", "--export", "d", "--out", "o"], "exclude each other"),
+        "import flag": (["--export", "d", "--preset", "c2i_tiny", "--out", "o.safetensors"],
+                        "--preset only apply to an import"),
+        "no arch": (["--official", "a.safetensors", "--out", "o"], "--preset NAME or --config-json"),
+    }
+    for name, (argv, message) in wrong.items():
+        try:
+            rc = convert.main(argv)
+        except SystemExit as e:  # argparse's own errors
+            rc = e.code
+        assert rc == 2, name
+        assert message in capsys.readouterr().err, name
+    assert convert.main(["--export", str(tmp_path), "--out", str(tmp_path / "x.safetensors")]) == 1
+    err = capsys.readouterr().err
+    assert "neither a converted tim_jax directory" in err and "export.json" in err
 
 
 def test_cli_reports_a_wrong_architecture(fixture, tmp_path, capsys):
@@ -289,11 +334,7 @@ def test_load_converted_rejects_other_directories(tmp_path):
 def test_mapping_agrees_with_the_models_for_other_architectures(preset, overrides):
     """tim_jax params of other architectures map onto exactly the official keys/shapes (derived
     from the official constructors) and back, bit-exactly (values: distinct random numbers)."""
-    import jax
-
-    from flax import nnx
-
-    from tim_jax.models import functional, presets
+    from tim_jax.models import presets
 
     cfg = presets.model_config(preset, **overrides)
     abstract = nnx.to_pure_dict(functional.abstract_params(cfg))

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from tim_jax import data
+from tim_jax.data import pipeline as data
 
 
 def _synthetic(**kw):
@@ -108,10 +108,9 @@ def test_host_slices_partition_the_global_batch():
     whole = next(iter(data.make_dataset(src, local_batch_size=8)))
     parts = [next(iter(data.make_dataset(src, local_batch_size=4, process_index=p, process_count=2)))
              for p in range(2)]
-    # process p holds global rows p, p + 2, ...: together exactly the single-process batch
-    merged = np.empty_like(whole["x"])
-    merged[0::2], merged[1::2] = parts[0]["x"], parts[1]["x"]
-    assert np.array_equal(merged, whole["x"])
+    # process p holds the p-th contiguous block of rows: joined in process order, exactly the
+    # single-process batch (the layout make_array_from_process_local_data assumes)
+    assert np.array_equal(np.concatenate([parts[0]["x"], parts[1]["x"]]), whole["x"])
 
 
 def test_device_prefetcher_state_tracks_consumed_batches():

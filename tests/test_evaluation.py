@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 
-from tim_jax import evaluation
+from tim_jax.evaluation import distances as evaluation
 
 
 def _random_spd(rng, d, scale=1.0):

@@ -1,5 +1,5 @@
-"""The custom-VJP network ops (tim_jax.models.matmul.matmul, layers.silu_glu,
-layers.dense_silu_glu) against plain
+"""The custom-VJP network ops (tim_jax.models.matmul.matmul, the CPU-layout ops of
+tim_jax.models.cpu_fused through layers.dense_silu_glu and rope.norm_rope) against plain
 autodiff: same values and gradients in float32 (tight), bfloat16 gradients computed in bfloat16
 (dtype and accuracy), forward mode only inside tim_jax.autodiff.forward_mode, and a whole network
 whose gradient equals the plain-autodiff gradient."""
@@ -10,8 +10,12 @@ import pytest
 from flax import nnx
 
 from tim_jax.autodiff import forward_mode, in_forward_mode
+from tim_jax.models import cpu_fused
+from tim_jax.models import cpu_layouts as cpu
 from tim_jax.models import layers as L
-from tim_jax.models import matmul as mm
+from tim_jax.models import rope as R
+from tim_jax.models.attention_layers import SelfAttention
+from tim_jax.models.cpu_layouts import use_cpu_layouts
 from tim_jax.models.matmul import matmul
 
 # (spec, shape of a, shape of b, bias?) -- the network's specs; M = 12 (even: the split path of
@@ -49,7 +53,7 @@ def _plain(spec, a, b, c, dtype=jnp.float32):
 
 
 @pytest.mark.parametrize("spec,sa,sb,bias", CASES)
-def test_float32_value_and_gradients_equal_plain_autodiff(spec, sa, sb, bias):
+def test_float32_value_and_gradients_equal_plain_autodiff(spec, sa, sb, bias, layouts):
     a, b, c = _operands(sa, sb, bias)
     out_shape = jax.eval_shape(lambda: _plain(spec, a, b, c)).shape
     w = jnp.asarray(np.random.default_rng(1).standard_normal(out_shape), jnp.float32)
@@ -69,7 +73,7 @@ def test_float32_value_and_gradients_equal_plain_autodiff(spec, sa, sb, bias):
 
 
 @pytest.mark.parametrize("spec,sa,sb,bias", CASES)
-def test_bfloat16_gradients_run_in_bfloat16_and_match_float64(spec, sa, sb, bias):
+def test_bfloat16_gradients_run_in_bfloat16_and_match_float64(spec, sa, sb, bias, layouts):
     """bf16 compute: the activation gradient comes back in the activation's dtype (bf16), the
     float32 weight's gradient in float32 without an intermediate bf16 rounding; values match a
     float64 reference on the bf16-rounded operands and cotangent to bf16 accuracy."""
@@ -108,7 +112,7 @@ def test_bfloat16_gradients_run_in_bfloat16_and_match_float64(spec, sa, sb, bias
     ("mi,io->mo", dict(m=12, i=6, o=5), jnp.float32, None),    # float32: Eigen takes a^T
 ])
 def test_weight_gradient_plan(spec, sizes, dtype, plan):
-    assert mm._weight_grad_plan(spec, dtype, sizes) == plan
+    assert cpu.weight_grad_plan(spec, dtype, sizes) == plan
 
 
 @pytest.mark.parametrize("rows,dtype,transposed", [
@@ -123,6 +127,10 @@ def test_bfloat16_weight_gradient_residual_is_saved_transposed(rows, dtype, tran
     shapes = [x.shape for x in jax.tree.leaves(vjp) if x.ndim == 2]
     assert ((6, rows) in shapes) == transposed
     assert ((rows, 6) in shapes) == (not transposed)
+    with use_cpu_layouts(False):  # the GPU/TPU path: the operand is saved as is
+        _, vjp = jax.vjp(lambda a, b: matmul("mi,io->mo", a, b, dtype=dtype), a, b)
+    shapes = [x.shape for x in jax.tree.leaves(vjp) if x.ndim == 2]
+    assert (6, rows) not in shapes and (rows, 6) in shapes
 
 
 def test_forward_mode_is_needed_for_jvp_and_gives_the_plain_tangent():
@@ -170,34 +178,30 @@ def test_bad_specs_are_rejected(spec):
         matmul(spec, x, x)
 
 
-def test_silu_glu_value_and_gradient_equal_plain_autodiff():
+def test_silu_glu_and_its_written_out_gradient_equal_plain_autodiff():
+    """cpu_fused.silu_glu equals silu(gate) * value; cpu_fused._silu_glu_grad (the one-pass
+    gradient of the CPU SwiGLU backward) equals autodiff's, in f32 and rounded once in bf16."""
     h = jnp.asarray(np.random.default_rng(3).standard_normal((3, 5, 8)) * 3, jnp.float32)
     w = jnp.asarray(np.random.default_rng(4).standard_normal((3, 5, 4)), jnp.float32)
     plain = lambda h: jax.nn.silu(h[..., :4]) * h[..., 4:]  # noqa: E731
-    np.testing.assert_allclose(L.silu_glu(h), plain(h), rtol=1e-6, atol=1e-6)
-    g_ours = jax.grad(lambda h: jnp.sum(L.silu_glu(h) * w))(h)
+    np.testing.assert_allclose(cpu_fused.silu_glu(h), plain(h), rtol=1e-6, atol=1e-6)
     g_ref = jax.grad(lambda h: jnp.sum(plain(h) * w))(h)
-    np.testing.assert_allclose(g_ours, g_ref, rtol=1e-5, atol=1e-6)
-    h16 = h.astype(jnp.bfloat16)
-    g16 = jax.grad(lambda h: jnp.sum(L.silu_glu(h).astype(jnp.float32) * w))(h16)
+    np.testing.assert_allclose(cpu_fused._silu_glu_grad(h, w), g_ref, rtol=1e-5, atol=1e-6)
+    g16 = cpu_fused._silu_glu_grad(h.astype(jnp.bfloat16), w)
     assert g16.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(g16, np.float32), g_ref, rtol=3e-2, atol=3e-2)
-    with forward_mode():
-        _, t = jax.jvp(L.silu_glu, (h,), (w.repeat(2, -1),))
-    _, t_ref = jax.jvp(plain, (h,), (w.repeat(2, -1),))
-    np.testing.assert_allclose(t, t_ref, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("with_norm", [True, False], ids=["qk_norm", "no_norm"])
 def test_norm_rope_equals_layer_norm_then_rope(with_norm):
-    """layers.norm_rope (one custom VJP for QK-norm + RoPE + rounding) against plain autodiff
+    """rope.norm_rope (one custom VJP for QK-norm + RoPE + rounding) against plain autodiff
     of ``apply_rope(layer_norm(x) * scale + bias)``: float32 value and gradients (x, scale,
     bias) tight; with a bf16 output the gradients stay float32 and within bf16 accuracy;
     inside forward_mode the tangent is the plain one."""
     rng = np.random.default_rng(3)
     x = jnp.asarray(rng.standard_normal((2, 3, 16, 8)) * 2 + 0.5, jnp.float32)  # (B, H, L, Dh)
     w = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
-    cos, sin = L.rope_tables(4, 4, 8)
+    cos, sin = R.rope_tables(4, 4, 8)
     norm = L.LayerNorm(8, eps=1e-5, rngs=nnx.Rngs(0)) if with_norm else None
     if with_norm:
         norm.scale[...] = jnp.asarray(rng.standard_normal(8), jnp.float32)
@@ -208,10 +212,10 @@ def test_norm_rope_equals_layer_norm_then_rope(with_norm):
         y = x
         if with_norm:
             y = L.layer_norm(x, 1e-5, state["scale"][...], state["bias"][...])
-        return L.apply_rope(y, cos, sin)
+        return R.apply_rope(y, cos, sin)
 
     def ours(state, x, dtype=jnp.float32):
-        return L.norm_rope(x, nnx.merge(graphdef, state) if with_norm else None, cos, sin, dtype)
+        return R.norm_rope(x, nnx.merge(graphdef, state) if with_norm else None, cos, sin, dtype)
 
     def loss(f, **kw):
         return lambda s, x: jnp.sum(f(s, x, **kw).astype(jnp.float32) * w)
@@ -239,7 +243,7 @@ def test_norm_rope_equals_layer_norm_then_rope(with_norm):
 
 
 @pytest.mark.parametrize("use_bias", [True, False])
-def test_dense_silu_glu_equals_dense_then_silu_glu(use_bias):
+def test_dense_silu_glu_equals_dense_then_silu_glu(use_bias, layouts):
     """layers.dense_silu_glu (float32 pre-activation, one custom VJP for projection +
     activation) against plain autodiff of ``silu(h[:H]) * h[H:]``, ``h = x @ W + b``: float32
     value and gradients (x, kernel, bias) tight; in bf16 the input gradient is bf16, the
@@ -335,7 +339,7 @@ def _tiny_network_grads(dtype):
     return [np.asarray(g) for g in ours], [np.asarray(g) for g in plain]
 
 
-def test_network_gradient_equals_plain_autodiff_float32():
+def test_network_gradient_equals_plain_autodiff_float32(layouts):
     """A whole (tiny) TiM network with REPA in float32: the gradient through the custom
     backward equals plain autodiff (the network traced in forward_mode) to 1e-5."""
     ours, plain = _tiny_network_grads("float32")
@@ -344,7 +348,7 @@ def test_network_gradient_equals_plain_autodiff_float32():
         np.testing.assert_allclose(go / scale, gp / scale, rtol=1e-5, atol=1e-5)
 
 
-def test_network_gradient_bfloat16_is_as_accurate_as_plain_autodiff():
+def test_network_gradient_bfloat16_is_as_accurate_as_plain_autodiff(layouts):
     """bf16 compute: the custom backward (bf16 gradient matmuls, as torch autocast) and plain
     autodiff (float32 cotangents) both approximate the float32 gradient; per leaf, the custom
     one's relative L2 error stays within bf16 accuracy and within a small factor of plain's."""
@@ -362,9 +366,8 @@ def test_network_gradient_bfloat16_is_as_accurate_as_plain_autodiff():
 
 
 def test_cpu_row_chunked_product_equals_the_single_product(monkeypatch):
-    """Large CPU products run as a loop over row chunks (matmul._row_chunks): same values and
+    """Large CPU products run as a loop over row chunks (cpu_layouts.row_chunks): same values and
     gradients as the single product, bias and rounding included, in f32 and bf16."""
-    import tim_jax.models.matmul as mm
     rng = np.random.default_rng(4)
     a = jnp.asarray(rng.standard_normal((16, 6)), jnp.float32)
     b = jnp.asarray(rng.standard_normal((6, 5)), jnp.float32)
@@ -377,15 +380,15 @@ def test_cpu_row_chunked_product_equals_the_single_product(monkeypatch):
         return jax.jit(f)(a, b, c), jax.jit(jax.grad(loss, (0, 1, 2)))(a, b, c)
 
     singles = {dt: run(dt) for dt in (jnp.float32, jnp.bfloat16)}
-    assert mm._row_chunks("mi,io->mo", a, b, c) == 1
-    monkeypatch.setattr(mm, "_CPU_CHUNK_MIN_BYTES", 64)  # 16 x 5 x 4 bytes -> 8 chunks
-    monkeypatch.setattr(mm, "_CPU_CHUNK_BYTES", 32)
-    assert mm._row_chunks("mi,io->mo", a, b, c) == 8
-    with mm.row_chunking(False):  # how the benchmark counts FLOPs (no loop in the program)
-        assert mm._row_chunks("mi,io->mo", a, b, c) == 1
-    assert mm._row_chunks("mi,io->mo", a[:3], b, c) == 1  # rows not divisible
-    assert mm._row_chunks("mo,io->mi", a[:, :5], b, None) == 8
-    assert mm._row_chunks("im,io->mo", a[:6], b[:, :5][:6], None) == 1  # m is not a's own index
+    assert cpu.row_chunks("mi,io->mo", a, b, c) == 1
+    monkeypatch.setattr(cpu, "_CHUNK_MIN_BYTES", 64)  # 16 x 5 x 4 bytes -> 8 chunks
+    monkeypatch.setattr(cpu, "_CHUNK_BYTES", 32)
+    assert cpu.row_chunks("mi,io->mo", a, b, c) == 8
+    with cpu.row_chunking(False):  # how the benchmark counts FLOPs (no loop in the program)
+        assert cpu.row_chunks("mi,io->mo", a, b, c) == 1
+    assert cpu.row_chunks("mi,io->mo", a[:3], b, c) == 1  # rows not divisible
+    assert cpu.row_chunks("mo,io->mi", a[:, :5], b, None) == 8
+    assert cpu.row_chunks("im,io->mo", a[:6], b[:, :5][:6], None) == 1  # m is not a's own index
     for dt, (y1, g1) in singles.items():
         y2, g2 = run(dt)
         tol = 1e-6 if dt == jnp.float32 else 8e-3  # summation order; one bf16 ulp
@@ -397,15 +400,15 @@ def test_cpu_row_chunked_product_equals_the_single_product(monkeypatch):
 
 def test_self_attention_with_scaled_rope_equals_scaled_logits():
     """SelfAttention folds the softmax scale Dh**-0.5 into the query's RoPE tables
-    (layers.scaled_rope) and runs the attention with scale=1.0: the output and the input
+    (rope.scaled_rope) and runs the attention with scale=1.0: the output and the input
     gradient equal the textbook ``softmax(q k^T * Dh**-0.5) v`` (float32, Dh = 8, whose scale
     is not a power of 2)."""
     rng = np.random.default_rng(5)
     dim, heads, dh = 16, 2, 8
-    att = L.SelfAttention(dim, heads, qk_norm=True, distance_aware=False, rngs=nnx.Rngs(1))
+    att = SelfAttention(dim, heads, qk_norm=True, distance_aware=False, rngs=nnx.Rngs(1))
     att.q_norm.scale[...] = jnp.asarray(rng.standard_normal(dh), jnp.float32)
     att.k_norm.bias[...] = jnp.asarray(rng.standard_normal(dh), jnp.float32)
-    rope = L.rope_tables(4, 4, dh)                                   # (16, 8)
+    rope = R.rope_tables(4, 4, dh)                                   # (16, 8)
     x = jnp.asarray(rng.standard_normal((2, 16, dim)), jnp.float32)
     w = jnp.asarray(rng.standard_normal((2, 16, dim)), jnp.float32)
 
@@ -413,8 +416,8 @@ def test_self_attention_with_scaled_rope_equals_scaled_logits():
         qkv = x @ att.qkv.kernel[...] + att.qkv.bias[...]
         q, k, v = (qkv[..., i * dim:(i + 1) * dim].reshape(2, 16, heads, dh).transpose(0, 2, 1, 3)
                    for i in range(3))
-        q = L.apply_rope(L.layer_norm(q, 1e-5, att.q_norm.scale[...], att.q_norm.bias[...]), *rope)
-        k = L.apply_rope(L.layer_norm(k, 1e-5, att.k_norm.scale[...], att.k_norm.bias[...]), *rope)
+        q = R.apply_rope(L.layer_norm(q, 1e-5, att.q_norm.scale[...], att.q_norm.bias[...]), *rope)
+        k = R.apply_rope(L.layer_norm(k, 1e-5, att.k_norm.scale[...], att.k_norm.bias[...]), *rope)
         p = jax.nn.softmax(jnp.einsum("bhqd,bhkd->bhqk", q, k) * dh ** -0.5, axis=-1)
         o = jnp.einsum("bhqk,bhkd->bhqd", p, v).transpose(0, 2, 1, 3).reshape(2, 16, dim)
         return o @ att.proj.kernel[...] + att.proj.bias[...]

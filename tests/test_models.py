@@ -2,7 +2,7 @@
 t2i cross-attention numerics, init recipe, jvp, input validation, attention dispatch.
 
 References:
-* ``/work/shared/parity/c2i_tiny`` (official PyTorch outputs with randomised weights);
+* ``tests/fixtures/parity/c2i_tiny`` (official PyTorch outputs with randomised weights);
 * ``np_official_forward`` below: a float64 numpy re-implementation of the official forward
   (``tim/models/{c2i,t2i}/tim_model.py``) that reads official state-dict keys directly, NCHW.
 Tolerances are relative to the output scale (max |ref|) and stated per test.
@@ -33,6 +33,7 @@ from tim_jax.models import (
 from tim_jax.autodiff import forward_mode
 from tim_jax.models import attention as A
 from tim_jax.models import layers as L
+from tim_jax.models import rope as R
 from tim_jax.models.functional import init_params, split_model
 
 # --------------------------------------------------------------------------------------------
@@ -274,8 +275,9 @@ def test_numpy_reference_matches_official_fixture(tiny):
     assert _rel_err(hp, io["case0/h_proj"]) < 1e-5
 
 
-def test_c2i_parity_with_official(tiny):
-    """F and h_proj equal the official fp32 outputs to 1e-5 of the output scale."""
+def test_c2i_parity_with_official(tiny, layouts):
+    """F and h_proj equal the official fp32 outputs to 1e-5 of the output scale, with the CPU
+    layouts and on the plain (GPU/TPU) path."""
     io = tiny["io"]
     out, hp = _forward(tiny["model_cfg"], tiny["pure"], *_case(io))
     assert out.dtype == jnp.float32 and hp.dtype == jnp.float32
@@ -340,12 +342,12 @@ def test_rope_tables_follow_official_grid_order():
     gx, gy = np.meshgrid(np.arange(h), np.arange(w), indexing="xy")   # torch meshgrid 'xy'
     grid = np.stack([gx, gy]).reshape(2, -1)
     ang = np.concatenate([cached[grid[0]], cached[grid[1]]], -1)
-    cos, sin = L.rope_tables(h, w, dh)
+    cos, sin = R.rope_tables(h, w, dh)
     np.testing.assert_allclose(cos, np.cos(ang), atol=1e-6)
     np.testing.assert_allclose(sin, np.sin(ang), atol=1e-6)
     # the quirk: token k (row-major over h rows of w cols) gets (k mod h, k div h), which is NOT
     # (col, row) when h != w: token 2 = (row 1, col 0) gets g0 = 2, g1 = 0.
-    g0, g1 = L.rope_grid(h, w)
+    g0, g1 = R.rope_grid(h, w)
     assert (g0[2], g1[2]) == (2, 0)
     np.testing.assert_array_equal(grid[0], g0)
     np.testing.assert_array_equal(grid[1], g1)
@@ -697,6 +699,7 @@ def test_project_heads_equals_dense_then_head_split():
     """``project_heads`` (the heads-first qkv / kv / q projections) equals the fused Dense
     followed by the (parts, H, Dh) split and the heads-first transpose, with the per-sample
     bias offset added before rounding; in float32 its gradients equal plain autodiff's."""
+    from tim_jax.models import attention_layers as AL
     from tim_jax.models import layers as Lm
     rng = np.random.default_rng(2)
     dense = Lm.Dense(8, 3 * 8, axes=(None, None), rngs=nnx.Rngs(0))
@@ -709,12 +712,12 @@ def test_project_heads_equals_dense_then_head_split():
         y = y.reshape(2, 5, 3, 2, 4).transpose(2, 0, 3, 1, 4)
         return [y[i] for i in range(3)]
 
-    outs = Lm.project_heads(dense, x, 3, 2, off)
+    outs = AL.project_heads(dense, x, 3, 2, off)
     refs = reference(dense.kernel[...], dense.bias[...], x, off)
     for o, r in zip(outs, refs):
         assert o.shape == (2, 2, 5, 4)
         np.testing.assert_allclose(o, r, rtol=1e-5, atol=1e-5)
-    (q_only,) = Lm.project_heads(Lm.Dense(8, 8, axes=(None, None), rngs=nnx.Rngs(1)), x, 1, 2)
+    (q_only,) = AL.project_heads(Lm.Dense(8, 8, axes=(None, None), rngs=nnx.Rngs(1)), x, 1, 2)
     assert q_only.shape == (2, 2, 5, 4)
 
     w = [jnp.asarray(rng.standard_normal((2, 2, 5, 4)), jnp.float32) for _ in range(3)]
@@ -725,7 +728,7 @@ def test_project_heads_equals_dense_then_head_split():
     def ours(kernel, bias, x, off):  # a Dense stand-in holding traced arrays
         d = types.SimpleNamespace(kernel=kernel, bias=bias, dtype=dense.dtype,
                                   precision=dense.precision)
-        return Lm.project_heads(d, x, 3, 2, off)
+        return AL.project_heads(d, x, 3, 2, off)
 
     args = (dense.kernel[...], dense.bias[...], x, off)
     g_ref = jax.grad(lambda *a: loss(reference, *a), (0, 1, 2, 3))(*args)

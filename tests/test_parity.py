@@ -1,20 +1,23 @@
-"""tim_jax against the official-TiM parity fixtures (../shared/parity), through tim_jax.parity.
+"""tim_jax against the parity fixtures (tests/fixtures/parity), through tim_jax.parity.
 
-Tolerances (tim_jax.parity.TOLERANCES): network and projector outputs 1e-5 of the output scale
-(fp32), sampler trajectories 1e-4 of the scale, transports 1e-10 (float64), time weights 1e-6,
-sample_t quantiles within 5 Monte-Carlo standard errors.
+Tolerances (tim_jax.interop.parity_report.TOLERANCES): network and projector outputs 1e-5 of the
+output scale (fp32), sampler trajectories 1e-4 of the scale (the error of the network compounds
+over the steps), transports 1e-10 (float64), time weights 1e-6, sample_t quantiles within 5
+Monte-Carlo standard errors; encoder folders: the encoder module's PARITY_TOLERANCE, else 1e-5.
 """
+import json
 import os
 import pathlib
 import shutil
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
 
 from conftest import REPO_ROOT, parity_path
-from tim_jax import parity
+from tim_jax.interop import parity
 
 
 def _assert_all_pass(results, min_count):
@@ -88,8 +91,8 @@ def test_sample_t_check_detects_a_wrong_distribution():
 
     ref_dir = parity_path("transports")
     q = np.load(ref_dir / "transports.npz")["OT_FM/sample_t_quantiles"]
-    good = parity._sample_t_check("d", "OT_FM", make_transport("OT_FM", P_mean=-0.4, P_std=1.0), q)
-    bad = parity._sample_t_check("d", "OT_FM", make_transport("OT_FM", P_mean=-0.35, P_std=1.0), q)
+    good = parity.sample_t_check("d", "OT_FM", make_transport("OT_FM", P_mean=-0.4, P_std=1.0), q)
+    bad = parity.sample_t_check("d", "OT_FM", make_transport("OT_FM", P_mean=-0.35, P_std=1.0), q)
     assert good.passed and not bad.passed, (good, bad)
 
 
@@ -118,17 +121,142 @@ def test_cli_passes_on_the_real_fixtures(capsys):
     rc = parity.main([str(d) for d in dirs])
     out = capsys.readouterr().out
     assert rc == 0, out
-    assert "FAIL" not in out
-    assert out.count("PASS") == 2 + 3 + 35 + 30
-    for col in ("quantity", "max abs err", "max rel err", "tolerance"):
-        assert col in out
+    lines = out.splitlines()
+    checks = [ln for ln in lines if ln.startswith(("PASS", "FAIL"))]
+    assert len(checks) == 2 + 3 + 35 + 30 and all(ln.startswith("PASS") for ln in checks)
+    assert "PASS  c2i_tiny  network/case0/out  max abs err " in out
+    for col in ("max abs err", "max rel err", "<= 1e-05"):
+        assert col in checks[0]
+    assert lines[-1] == "70 passed, 0 failed; 3 folders: 0 skipped, 0 unusable"
 
 
-def test_cli_entry_point():
-    """`python -m tim_jax.parity` itself (the cheap fixture; main() is tested in-process above)."""
-    proc = _run_cli(parity_path("time_weights"))
+def test_cli_entry_point(tmp_path):
+    """`python -m tim_jax.parity` on a helper folder (skipped), an encoder Hub folder (checked by
+    tim_jax.encoders.gemma3, whose report is one flat dict), and a folder of an unknown kind (an
+    error naming it): exit status 2."""
+    unknown = tmp_path / "mystery_fixture"
+    unknown.mkdir()
+    np.savez(unknown / "io.npz", a=np.zeros(3))
+    proc = _run_cli(parity_path("_make"), parity_path("gemma3_tiny"), unknown)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stdout.startswith("SKIP  _make  no config.json and no .npz file")
+    line = next(ln for ln in proc.stdout.splitlines() if "  gemma3_tiny  " in ln)
+    assert line.startswith("PASS  gemma3_tiny  gemma3/output  max abs err"), line
+    assert "tim_jax.encoders.gemma3.parity_check" in line
+    assert "ERROR mystery_fixture" in proc.stderr and "unknown fixture kind" in proc.stderr
+    assert proc.stdout.splitlines()[-1] == "1 passed, 0 failed; 3 folders: 1 skipped, 1 unusable"
+
+
+def test_help_exits_zero(capsys):
+    with pytest.raises(SystemExit) as e:
+        parity.main(["--help"])
+    assert e.value.code == 0
+    assert "python -m tim_jax.parity tests/fixtures/parity/*/" in capsys.readouterr().out
+
+
+# every folder under tests/fixtures/parity, and the checks its files call for (None: skipped)
+FIXTURE_KINDS = {
+    "_make": None,
+    "c2i_tiny": ["network", "sampler"],
+    "dc_ae_tiny": ["tim_jax.encoders.dc_ae"],
+    "dinov2_tiny": ["tim_jax.encoders.dinov2"],
+    "dinov2_tiny_interp": ["check_dinov2_interp"],
+    "fid_inception": ["check_fid_inception"],
+    "gemma3_tiny": ["tim_jax.encoders.gemma3"],
+    "gemma3_tiny_tokenizer": None,
+    "radio_tiny": ["tim_jax.encoders.radio"],
+    "resize": ["check_resize"],
+    "sd_vae_tiny": ["tim_jax.encoders.sd_vae"],
+    "time_weights": ["time_weights"],
+    "transports": ["transports"],
+}
+
+
+def test_every_fixture_folder_has_a_kind():
+    """`python -m tim_jax.parity tests/fixtures/parity/*/` handles each folder: a new folder must
+    be added here (and get a check, or be a helper folder)."""
+    folders = sorted(p.name for p in parity_path("c2i_tiny").parent.iterdir() if p.is_dir())
+    assert folders == sorted(FIXTURE_KINDS)
+    for name, want in FIXTURE_KINDS.items():
+        if want is None:
+            with pytest.raises(parity.NotAFixture, match="no config.json and no .npz"):
+                parity.fixture_checks(parity_path(name))
+        else:
+            assert [n for n, _ in parity.fixture_checks(parity_path(name))] == want, name
+
+
+def _fake_encoder(monkeypatch, module_name, report, tolerance=None):
+    """Replace an encoder module by one whose parity_check returns ``report``; returns the list
+    of folders it was called with."""
+    calls = []
+    module = types.ModuleType(module_name)
+    module.parity_check = lambda folder: calls.append(pathlib.Path(folder)) or report
+    if tolerance is not None:
+        module.PARITY_TOLERANCE = tolerance
+    monkeypatch.setitem(sys.modules, module_name, module)
+    return calls
+
+
+def _hub_folder(root: pathlib.Path, name: str, **config) -> pathlib.Path:
+    folder = root / name
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(config))
+    np.savez(folder / "io.npz", x=np.zeros(2))
+    return folder
+
+
+def test_encoder_folders_dispatch_on_config_json(tmp_path, monkeypatch, capsys):
+    """config.json's _class_name / model_type picks the encoder module; a check passes when its
+    relative error is within the module's PARITY_TOLERANCE, else 1e-5."""
+    e = "tim_jax.encoders."
+    cases = {  # folder: (config, module, report, module tolerance, expected verdicts)
+        "vae": ({"_class_name": "AutoencoderKL"}, e + "sd_vae",
+                {"posterior_mean": {"max_abs_err": 2e-6, "max_rel_err": 9e-6},
+                 "decoded": {"max_abs_err": 3e-5, "max_rel_err": 1.1e-5}}, None, ["PASS", "FAIL"]),
+        "dcae": ({"_class_name": "AutoencoderDC"}, e + "dc_ae",
+                 {"latent": {"max_abs_err": 3e-5, "max_rel_err": 3e-5}}, 1e-4, ["PASS"]),
+        "gemma": ({"model_type": "gemma3_text"}, e + "gemma3",
+                  {"max_abs": 1e-5, "max_rel": 2e-6, "ref_scale": 5.0, "n_valid": 17}, None, ["PASS"]),
+        "dino": ({"model_type": "dinov2"}, e + "dinov2",
+                 {"last_hidden_state": {"max_abs_err": 1e-7, "max_rel_err": 1e-8, "passed": False}},
+                 1e-5, ["FAIL"]),
+        "radio": ({"model_type": "radio_vit"}, e + "radio",
+                  {"a/summary": {"max_abs_err": 1e-6, "max_rel_err": float("nan")}}, 1e-5, ["FAIL"]),
+    }
+    calls, folders = {}, {}
+    for name, (config, module, report, tol, _) in cases.items():
+        folders[name] = _hub_folder(tmp_path, name, **config)
+        calls[name] = _fake_encoder(monkeypatch, module, report, tol)
+    assert parity.main([str(f) for f in folders.values()]) == 1
+    out = capsys.readouterr().out
+    for name, (_, module, report, tol, verdicts) in cases.items():
+        assert calls[name] == [folders[name]], name
+        lines = [ln for ln in out.splitlines() if f"  {name}  " in ln]
+        assert [ln.split()[0] for ln in lines] == verdicts, (name, lines)
+        assert all(f"{module}.parity_check" in ln for ln in lines)
+        assert all(f"{tol or 1e-5:.0e}" in ln for ln in lines)
+    assert "PASS  gemma  gemma3/output  max abs err 1.000e-05  max rel err 2.000e-06" in out
+    assert "n_valid 17" in out
+
+    unknown = _hub_folder(tmp_path, "unet", _class_name="UNet2DConditionModel")
+    assert parity.main([str(folders["gemma"]), str(unknown)]) == 2
+    out, err = capsys.readouterr()
+    assert "ERROR unet" in err and "_class_name='UNet2DConditionModel'" in err
+    assert "AutoencoderKL" in err and "PASS  gemma" in out
+
+    _fake_encoder(monkeypatch, e + "dinov2", {"last_hidden_state": {"max_abs_err": 1.0}})
+    with pytest.raises(parity.ParityInputError, match="no max relative error"):
+        parity.check_directory(folders["dino"])
+
+
+@pytest.mark.slow
+def test_documented_command_passes_on_every_fixture():
+    """The README's command, every folder checked for real (the encoder modules' own tests cover
+    them in the default run)."""
+    dirs = sorted(str(p) + "/" for p in parity_path("c2i_tiny").parent.iterdir() if p.is_dir())
+    proc = _run_cli(*dirs)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert proc.stdout.count("PASS") == 30 and "FAIL" not in proc.stdout
+    assert "FAIL" not in proc.stdout and proc.stdout.count("SKIP") == 2
 
 
 def test_cli_fails_on_a_perturbed_copy(tmp_path, capsys):
@@ -157,8 +285,9 @@ def test_cli_fails_on_a_perturbed_network_copy(tmp_path, capsys):
 def test_cli_unusable_input(tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert parity.main([str(empty)]) == 2
-    assert "no fixture files" in capsys.readouterr().err
+    assert parity.main([str(empty)]) == 2  # skipped, so nothing was checked
+    out, err = capsys.readouterr()
+    assert "SKIP  empty  no config.json and no .npz" in out and "nothing was checked" in err
 
     corrupt = tmp_path / "corrupt"
     corrupt.mkdir()
@@ -167,17 +296,23 @@ def test_cli_unusable_input(tmp_path, capsys):
     assert "not a readable .npz" in capsys.readouterr().err
 
     assert parity.main([str(tmp_path / "does_not_exist")]) == 2
+    assert "does_not_exist: not a directory" in capsys.readouterr().err
 
-    half = tmp_path / "half"
+    half = tmp_path / "half"  # network outputs without the network
     half.mkdir()
     shutil.copyfile(parity_path("c2i_tiny") / "io.npz", half / "io.npz")
-    assert parity.main([str(half)]) == 2
-    assert "config.json" in capsys.readouterr().err
+    assert parity.main([str(half), str(parity_path("time_weights"))]) == 2
+    out, err = capsys.readouterr()
+    assert "ERROR half" in err and "unknown fixture kind" in err and "config.json" in err
+    assert out.count("PASS") == 30  # the other folder is still checked
+
+    no_weights = _copy_fixture(parity_path("c2i_tiny"), tmp_path / "no_weights",
+                               skip=("model.safetensors",))
+    assert parity.main([str(no_weights)]) == 2
+    assert "need model.safetensors" in capsys.readouterr().err
 
 
 def test_cli_wrong_architecture_is_unusable(tmp_path, capsys):
-    import json
-
     src = parity_path("c2i_tiny")
     dst = _copy_fixture(src, tmp_path / "wrong", skip=("sampler.npz",))
     cfg = json.loads((dst / "config.json").read_text())
@@ -216,11 +351,9 @@ def test_live_mode_t2i_exported_weights(tmp_path):
     """t2i: random tim_jax weights exported to the official layout load strictly into the official
     network, which then computes the same function stage by stage."""
     pytest.importorskip("torch")
-    import json
-
     import jax
 
-    from tim_jax import convert
+    from tim_jax.interop import convert
     from tim_jax.models import functional, presets
 
     repo = _official_repo()

@@ -7,7 +7,8 @@ import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from configs import base, debug_cpu
-from tim_jax import sharding, train_state
+from tim_jax.training import sharding
+from tim_jax.training import state as train_state
 
 
 @pytest.mark.parametrize("data,fsdp,expect", [

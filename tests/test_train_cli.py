@@ -20,7 +20,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from tim_jax import _allocator, checkpointing, train
+from tim_jax import cpu_allocator
+from tim_jax.training import checkpointing, export
+from tim_jax.training import cli as train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASE = ["--config", "configs/debug_cpu.py", "--config.train.num_steps=8",
@@ -32,7 +34,7 @@ def env(tmp_path_factory):
     cache = os.environ.get("JAX_COMPILATION_CACHE_DIR") or str(tmp_path_factory.mktemp("jax_cache"))
     e = dict(os.environ)
     for k in ("GLIBC_TUNABLES", "TIM_JAX_NO_REEXEC", "TIM_JAX_ALLOCATOR_REEXECED",
-              "TIM_JAX_SLEEP_AFTER_CHECKPOINT", "TIM_DISTRIBUTED"):
+              "TIM_DISTRIBUTED"):
         e.pop(k, None)
     e.update(PYTHONPATH=REPO, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8",
              JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
@@ -46,9 +48,29 @@ def _cli(env, workdir, *extra, timeout=600, **env_extra):
                           timeout=timeout)
 
 
-def _popen(env, workdir, *extra, **env_extra):
+# A fault injected from the test, not from the training loop: the CLI runs with
+# Checkpointer.save wrapped so that the first periodic save waits for its commit, prints
+# "checkpoint committed: step N" and then sleeps, leaving time for the test's SIGKILL.
+_PAUSE_AFTER_FIRST_SAVE = """
+import sys, time
+from tim_jax.training import checkpointing, cli
+_save = checkpointing.Checkpointer.save
+def save(self, step, *args, **kwargs):
+    started = _save(self, step, *args, **kwargs)
+    if started:
+        self.wait()
+        print(f"checkpoint committed: step {step}", flush=True)
+        time.sleep(120)
+    return started
+checkpointing.Checkpointer.save = save
+sys.exit(cli.main(["tim_jax.train", *sys.argv[1:]]))
+"""
+
+
+def _popen(env, workdir, *extra, pause_after_first_save=False, **env_extra):
     err = open(os.path.join(os.path.dirname(str(workdir)), os.path.basename(str(workdir)) + ".err"), "w")
-    proc = subprocess.Popen([sys.executable, "-m", "tim_jax.train", *BASE, "--workdir", str(workdir), *extra],
+    entry = ["-c", _PAUSE_AFTER_FIRST_SAVE] if pause_after_first_save else ["-m", "tim_jax.train"]
+    proc = subprocess.Popen([sys.executable, *entry, *BASE, "--workdir", str(workdir), *extra],
                             cwd=REPO, env=dict(env, **env_extra), stdout=subprocess.PIPE, stderr=err,
                             text=True)
     watchdog = threading.Timer(600, proc.kill)
@@ -114,13 +136,13 @@ def test_straight_run_writes_metrics_tensorboard_samples(straight_run):
     assert checkpointing.latest_step(workdir) == 8
     saved = json.loads((workdir / "config.json").read_text())
     assert saved["train"]["num_steps"] == 8 and saved["model"]["hidden_size"] == 32
-    assert "GLIBC_TUNABLES=" + _allocator.GLIBC_TUNABLES_VALUE in proc.stderr  # the CLI re-exec'd
+    assert "GLIBC_TUNABLES=" + cpu_allocator.GLIBC_TUNABLES_VALUE in proc.stderr  # the CLI re-exec'd
 
 
 def test_sigkill_after_checkpoint_then_resume_is_exact(env, straight_run, tmp_path):
     reference, _ = straight_run
     workdir = tmp_path / "run"
-    proc, dog = _popen(env, workdir, TIM_JAX_SLEEP_AFTER_CHECKPOINT="120")
+    proc, dog = _popen(env, workdir, pause_after_first_save=True)
     try:
         _read_until(proc, "checkpoint committed: step 4")
         proc.send_signal(signal.SIGKILL)
@@ -287,8 +309,8 @@ def test_t2i_null_caption_errors(tmp_path, capsys):
 
 # ---- the allocator re-exec -----------------------------------------------------------------
 _PROBE = """
-from tim_jax import _allocator
-_allocator.maybe_reexec()
+from tim_jax import cpu_allocator
+cpu_allocator.maybe_reexec()
 import json, os, sys
 print(json.dumps({"tunables": os.environ.get("GLIBC_TUNABLES"), "argv": sys.argv[1:],
                   "name": __name__, "spec": __spec__.name if __spec__ else None}))
@@ -312,22 +334,27 @@ def test_allocator_reexec_preserves_python_m_and_respects_opt_outs(tmp_path):
         return json.loads(out.stdout)
 
     r = probe(["-m", "probe_pkg.probe", "pos", "--flag=1", "-x"])
-    assert r == {"tunables": _allocator.GLIBC_TUNABLES_VALUE, "argv": ["pos", "--flag=1", "-x"],
+    assert r == {"tunables": cpu_allocator.GLIBC_TUNABLES_VALUE, "argv": ["pos", "--flag=1", "-x"],
                  "name": "__main__", "spec": "probe_pkg.probe"}
     r = probe([str(pkg / "probe.py"), "a b"])
-    assert r["tunables"] == _allocator.GLIBC_TUNABLES_VALUE and r["argv"] == ["a b"]
+    assert r["tunables"] == cpu_allocator.GLIBC_TUNABLES_VALUE and r["argv"] == ["a b"]
     assert probe(["-m", "probe_pkg.probe"], TIM_JAX_NO_REEXEC="1")["tunables"] is None
     assert probe(["-m", "probe_pkg.probe"], GLIBC_TUNABLES="glibc.malloc.arena_max=2")["tunables"] == \
         "glibc.malloc.arena_max=2"
 
 
 def test_allocator_rules():
-    assert _allocator.should_reexec({}, "linux")
-    assert not _allocator.should_reexec({}, "darwin")
-    assert not _allocator.should_reexec({"TIM_JAX_NO_REEXEC": "1"}, "linux")
-    assert not _allocator.should_reexec({"GLIBC_TUNABLES": ""}, "linux")
-    assert not _allocator.should_reexec({"TIM_JAX_ALLOCATOR_REEXECED": "1"}, "linux")
-    assert _allocator.GLIBC_TUNABLES_VALUE == (
+    assert cpu_allocator.should_reexec({}, "linux", accelerator=False)
+    assert not cpu_allocator.should_reexec({}, "darwin", accelerator=False)
+    # never on a host whose backend will be a GPU/TPU
+    assert not cpu_allocator.should_reexec({}, "linux", accelerator=True)
+    assert not cpu_allocator.should_reexec({"JAX_PLATFORMS": "cuda"}, "linux", accelerator=False)
+    assert not cpu_allocator.should_reexec({"JAX_PLATFORMS": "tpu,cpu"}, "linux", accelerator=False)
+    assert cpu_allocator.should_reexec({"JAX_PLATFORMS": "cpu"}, "linux", accelerator=True)
+    assert not cpu_allocator.should_reexec({"TIM_JAX_NO_REEXEC": "1"}, "linux")
+    assert not cpu_allocator.should_reexec({"GLIBC_TUNABLES": ""}, "linux")
+    assert not cpu_allocator.should_reexec({"TIM_JAX_ALLOCATOR_REEXECED": "1"}, "linux")
+    assert cpu_allocator.GLIBC_TUNABLES_VALUE == (
         "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736:"
         "glibc.malloc.arena_max=1:glibc.malloc.top_pad=1073741824:glibc.malloc.hugetlb=1")
 
@@ -337,9 +364,9 @@ def test_export_ema_of_a_run_loads_as_a_model(straight_run, tmp_path, capsys):
     from tim_jax.models.functional import make_apply_fn
 
     workdir, _ = straight_run
-    assert checkpointing.main(["export", str(workdir), str(tmp_path / "ema")]) == 0
+    assert export.main([str(workdir), str(tmp_path / "ema")]) == 0
     assert "exported EMA 0.999 of step 8" in capsys.readouterr().out
-    graphdef, params, config = checkpointing.load_ema_model(tmp_path / "ema")
+    graphdef, params, config = export.load_ema_model(tmp_path / "ema")
     assert config.model.hidden_size == 32
     ema = _flat(_state_numpy(workdir, 8)["ema_params"]["0.999"])
     got = _flat(params)
@@ -351,14 +378,14 @@ def test_export_ema_of_a_run_loads_as_a_model(straight_run, tmp_path, capsys):
     t = np.full((2,), 0.5, np.float32)
     out = jax.jit(make_apply_fn(graphdef))(params, x, t, t, np.array([1, 2], np.int32))
     assert out.shape == x.shape and np.all(np.isfinite(np.asarray(out)))
-    assert checkpointing.main(["export", str(tmp_path / "none"), str(tmp_path / "x")]) == 2
+    assert export.main([str(tmp_path / "none"), str(tmp_path / "x")]) == 2
 
 
 # ---- metric writers --------------------------------------------------------------------------
 def test_metric_writer_sinks_and_display(tmp_path):
     import io
 
-    from tim_jax import metrics
+    from tim_jax.training import metrics
 
     stream = io.StringIO()
     with metrics.MetricWriter(str(tmp_path / "w"), stream=stream, total_steps=10) as w:

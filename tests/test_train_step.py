@@ -13,7 +13,11 @@ import numpy as np
 import pytest
 
 from configs import debug_cpu
-from tim_jax import objective, optim, sharding, train_state, train_step
+from tim_jax import objective
+from tim_jax.training import optimizer as optim
+from tim_jax.training import sharding
+from tim_jax.training import state as train_state
+from tim_jax.training import step as train_step
 
 # ----------------------------------------------------------------------------------------------
 # fixtures: the tiny debug c2i model on a 2 x 4 (data x fsdp) mesh

@@ -14,6 +14,7 @@ from tim_jax.transports import (
     OT_FM,
     TRANSPORTS,
     VE_SDE,
+    Transport,
     VP_SDE,
     TrigFlow,
     expand_like,
@@ -229,6 +230,26 @@ def test_hashable_static_and_jit():
     np.testing.assert_allclose(g(0, jnp.array([2.0]), transport=tr), np.log(2.0) / 4, rtol=1e-6)
     # scalar t broadcasts over any rank
     assert tr.transition(jnp.ones((2, 5)), 3.0, 1.0, jnp.ones((2, 5))).shape == (2, 5)
+
+
+GUIDANCE = ("enhance_target", "w_gt", "w_cond", "w_start", "w_end")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_guidance_fields_are_the_shared_ones(name):
+    """Every transport takes the five guidance fields of the common base, with the same defaults (enhancement off,
+    the plain velocity), as constructor overrides; they are part of equality and the hash (static jit argument)."""
+    fields = [f.name for f in dataclasses.fields(TRANSPORTS[name])]
+    assert fields[: len(GUIDANCE)] == list(GUIDANCE)
+    assert [getattr(make_transport(name), f) for f in GUIDANCE] == [False, 1.0, 0.0, 0.0, 1.0]
+    guided = make_transport(name, enhance_target=True, w_gt=0.5, w_cond=0.25, w_start=0.1, w_end=0.2)
+    assert [getattr(guided, f) for f in GUIDANCE] == [True, 0.5, 0.25, 0.1, 0.2]
+    assert guided != make_transport(name) and guided == dataclasses.replace(make_transport(name), **{
+        f: getattr(guided, f) for f in GUIDANCE})
+    assert hash(guided) == hash(make_transport(name, enhance_target=True, w_gt=0.5, w_cond=0.25, w_start=0.1,
+                                               w_end=0.2))
+    with pytest.raises(TypeError, match="common base"):
+        Transport()
 
 
 def test_defaults_match_official():

@@ -12,7 +12,7 @@ Row layout of a batch of B (static counts, from the static batch size, as offici
 maps) and the rows in between keep a generic r < t (transitions). The derivative is computed only
 for rows ``[n_diffusion, B)``; for r = t rows it is 0 (the target multiplies it by zero anyway).
 
-Network contract (DESIGN.md): ``apply_fn(params, x_t, c_noise(t), c_noise(r), cond,
+Network contract (docs/design.md): ``apply_fn(params, x_t, c_noise(t), c_noise(r), cond,
 return_proj=False)``, NHWC, returns F or ``(F, h_proj)``. All loss arithmetic runs in float32 (in
 float64 when the data are float64 under jax x64, which the analytic tests use).
 """

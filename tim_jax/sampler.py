@@ -101,7 +101,7 @@ def sample(
     """Generate samples from noise with a transition model.
 
     Args:
-      apply_fn: ``apply_fn(params, x_t, t, r, cond) -> F`` (DESIGN.md network contract): x_t
+      apply_fn: ``apply_fn(params, x_t, t, r, cond) -> F`` (docs/design.md network contract): x_t
         (B, ...) in ``z.dtype``, t and r float32 (B,) already through ``transport.c_noise``.
         Static for jit: pass the same function object to reuse the compilation.
       params: the network parameters (any pytree).

@@ -68,17 +68,35 @@ def expand_like(t: Any, x: Array) -> Array:
     )
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class Transport:
-    """Common interface and the guidance-enhanced velocity shared by all transports.
+    """Common interface, and the guidance fields and enhanced velocity shared by all transports.
 
-    Concrete transports are frozen dataclasses with (at least) the fields ``sigma_d``,
-    ``enhance_target``, ``w_gt``, ``w_cond``, ``w_start``, ``w_end`` and the properties or fields
-    ``T_max`` (pure noise) and ``T_min`` (data).
+    Guidance-enhanced target (the official ``enhance_target`` runs, e.g. C2I ``*_mg``): when
+    ``enhance_target`` is on, inside the window ``w_start <= t <= w_end`` the ground-truth
+    velocity of :meth:`target` becomes ``w_gt * v + w_cond * F_cond + (1 - w_gt - w_cond) *
+    F_uncond`` (see :meth:`_enhanced`). These five fields are defined here once; every concrete
+    transport (a frozen, keyword-only dataclass subclass) adds ``sigma_d`` and its own
+    parameters, and has ``T_max`` (pure noise) and ``T_min`` (data) as fields or properties.
     """
 
     name: ClassVar[str] = "Transport"
     #: whether ``transition`` implements the stochasticity term (only OT-FM does, as officially)
     supports_stochasticity: ClassVar[bool] = False
+    #: fields that must be > 0 (checked on construction)
+    positive_fields: ClassVar[tuple[str, ...]] = ("sigma_d",)
+
+    enhance_target: bool = False
+    w_gt: float = 1.0
+    w_cond: float = 0.0
+    w_start: float = 0.0
+    w_end: float = 1.0
+
+    def __post_init__(self):
+        if type(self) is Transport:
+            raise TypeError("Transport is the common base; build OT_FM, TrigFlow, EDM, VP_SDE or "
+                            "VE_SDE (or make_transport(name))")
+        self._check_common()
 
     # --- interface --------------------------------------------------------------------------
     def interpolant(self, t: Scalar) -> tuple[Array, Array, Array, Array]:
@@ -93,18 +111,9 @@ class Transport:
         """Draw training times of the given shape from the transport's training distribution."""
         raise NotImplementedError
 
-    def target(
-        self,
-        x_t: Array,
-        v_t: Array,
-        x: Array,
-        z: Array,
-        t: Scalar,
-        r: Scalar,
-        dF_dt: Array,
-        F_cond: Optional[Array] = None,
-        F_uncond: Optional[Array] = None,
-    ) -> Array:
+    def target(self, x_t: Array, v_t: Array, x: Array, z: Array, t: Scalar, r: Scalar,
+               dF_dt: Array, F_cond: Optional[Array] = None,
+               F_uncond: Optional[Array] = None) -> Array:
         """Transition training target for F_theta(x_t, t, r), same shape as ``x_t``.
 
         Args:
@@ -120,25 +129,14 @@ class Transport:
         """
         raise NotImplementedError
 
-    def transition(
-        self,
-        x_t: Array,
-        t: Scalar,
-        r: Scalar,
-        F: Array,
-        s_ratio: Scalar = 0.0,
-        noise: Optional[Array] = None,
-    ) -> Array:
+    def transition(self, x_t: Array, t: Scalar, r: Scalar, F: Array, s_ratio: Scalar = 0.0,
+                   noise: Optional[Array] = None) -> Array:
         """One transition step ``x_t -> x_r`` given the network output ``F`` (shape of ``x_t``).
 
         ``s_ratio`` (stochasticity ratio in [0, 1)) and ``noise`` (standard normal, shape of
         ``x_t``) are only supported by OT-FM; the other transports reject a nonzero ratio.
         """
         raise NotImplementedError
-
-    def from_x_t_to_x_r(self, x_t, t, r, F, s_ratio=0.0, noise=None) -> Array:
-        """Alias of :meth:`transition` under the official method name."""
-        return self.transition(x_t, t, r, F, s_ratio=s_ratio, noise=noise)
 
     # --- helpers ----------------------------------------------------------------------------
     def _enhanced(self, base: Array, t: Array, F_cond, F_uncond, sign: float = 1.0) -> Array:
@@ -173,16 +171,15 @@ class Transport:
         )
 
     def _check_common(self) -> None:
-        if not self.sigma_d > 0:
-            raise ValueError(f"{self.name}: sigma_d must be > 0, got {self.sigma_d}")
+        for field in self.positive_fields:
+            if not getattr(self, field) > 0:
+                raise ValueError(f"{self.name}: {field} must be > 0, got {getattr(self, field)}")
         if not self.T_max > self.T_min:
-            raise ValueError(
-                f"{self.name}: T_max must be > T_min, got T_max={self.T_max}, T_min={self.T_min}"
-            )
+            raise ValueError(f"{self.name}: T_max must be > T_min, got T_max={self.T_max}, "
+                             f"T_min={self.T_min}")
         if not self.w_start <= self.w_end:
-            raise ValueError(
-                f"{self.name}: w_start must be <= w_end, got {self.w_start} > {self.w_end}"
-            )
+            raise ValueError(f"{self.name}: w_start must be <= w_end, got {self.w_start} > "
+                             f"{self.w_end}")
 
 
 def _lognormal(rng, shape, dtype, P_mean, P_std) -> Array:
@@ -204,22 +201,13 @@ class OT_FM(Transport):
 
     name: ClassVar[str] = "OT_FM"
     supports_stochasticity: ClassVar[bool] = True
+    positive_fields: ClassVar[tuple[str, ...]] = ("sigma_d", "P_std")
 
     P_mean: float = 0.0
     P_std: float = 1.0
     sigma_d: float = 1.0
     T_max: float = 1.0
     T_min: float = 0.0
-    enhance_target: bool = False
-    w_gt: float = 1.0
-    w_cond: float = 0.0
-    w_start: float = 0.0
-    w_end: float = 1.0
-
-    def __post_init__(self):
-        self._check_common()
-        if not self.P_std > 0:
-            raise ValueError(f"OT_FM: P_std must be > 0, got {self.P_std}")
 
     def interpolant(self, t):
         t = _as_float(t)
@@ -262,22 +250,13 @@ class TrigFlow(Transport):
     """
 
     name: ClassVar[str] = "TrigFlow"
+    positive_fields: ClassVar[tuple[str, ...]] = ("sigma_d", "P_std")
 
     P_mean: float = -1.0
     P_std: float = 1.6
     sigma_d: float = 0.5
     T_max: float = 1.57
     T_min: float = 0.0
-    enhance_target: bool = False
-    w_gt: float = 1.0
-    w_cond: float = 0.0
-    w_start: float = 0.0
-    w_end: float = 1.0
-
-    def __post_init__(self):
-        self._check_common()
-        if not self.P_std > 0:
-            raise ValueError(f"TrigFlow: P_std must be > 0, got {self.P_std}")
 
     def interpolant(self, t):
         t = _as_float(t)
@@ -310,24 +289,13 @@ class EDM(Transport):
     """
 
     name: ClassVar[str] = "EDM"
+    positive_fields: ClassVar[tuple[str, ...]] = ("sigma_d", "P_std", "T_min")  # c_noise: log(t)
 
     P_mean: float = -1.2
     P_std: float = 1.2
     sigma_d: float = 0.5
     T_max: float = 80.0
     T_min: float = 0.01
-    enhance_target: bool = False
-    w_gt: float = 1.0
-    w_cond: float = 0.0
-    w_start: float = 0.0
-    w_end: float = 1.0
-
-    def __post_init__(self):
-        self._check_common()
-        if not self.P_std > 0:
-            raise ValueError(f"EDM: P_std must be > 0, got {self.P_std}")
-        if not self.T_min > 0:
-            raise ValueError(f"EDM: T_min must be > 0 (c_noise = log(t)/4), got {self.T_min}")
 
     def interpolant(self, t):
         t = _as_float(t)
@@ -381,14 +349,9 @@ class VP_SDE(Transport):
     epsilon_t: float = 1e-5
     T: int = 1000
     sigma_d: float = 1.0
-    enhance_target: bool = False
-    w_gt: float = 1.0
-    w_cond: float = 0.0
-    w_start: float = 0.0
-    w_end: float = 1.0
 
     def __post_init__(self):
-        self._check_common()
+        super().__post_init__()
         if not 0 < self.epsilon_t < 1:
             raise ValueError(f"VP_SDE: epsilon_t must be in (0, 1), got {self.epsilon_t}")
 
@@ -443,20 +406,11 @@ class VE_SDE(Transport):
     """
 
     name: ClassVar[str] = "VE_SDE"
+    positive_fields: ClassVar[tuple[str, ...]] = ("sigma_d", "sigma_min")
 
     sigma_min: float = 0.02
     sigma_max: float = 100.0
     sigma_d: float = 1.0
-    enhance_target: bool = False
-    w_gt: float = 1.0
-    w_cond: float = 0.0
-    w_start: float = 0.0
-    w_end: float = 1.0
-
-    def __post_init__(self):
-        self._check_common()
-        if not self.sigma_min > 0:
-            raise ValueError(f"VE_SDE: sigma_min must be > 0, got {self.sigma_min}")
 
     @property
     def T_max(self) -> float:

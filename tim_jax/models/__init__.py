@@ -54,12 +54,12 @@ the same without the integer level and with a leading depth axis on every leaf:
 q/k/v (and kv) column order (3 or 2, heads, head_dim) is kept, as is the interleaved RoPE pair
 layout, so no permutation of columns is needed.
 
-(``tim_jax.models.attention`` is the attention module; its ``attention`` function is not re-exported
-here so that the module name stays unshadowed.)
-
-Modules: ``layers`` (primitives, RoPE, attention layers), ``attention`` (THE attention dispatch),
-``c2i`` / ``t2i`` (networks), ``presets`` (official sizes, config schema, ``build_model``, logical
-axis names), ``functional`` (split/apply/init/abstract params).
+Modules: ``backbone`` (the shared trunk), ``c2i`` / ``t2i`` (the two networks), ``layers``
+(primitives), ``attention_layers`` (self- and cross-attention), ``rope`` (2D RoPE),
+``attention`` (THE attention dispatch), ``matmul`` (THE matmul and its dtype policy),
+``cpu_layouts`` / ``cpu_fused`` (the XLA:CPU-only code paths, behind one switch), ``presets``
+(official sizes, config schema, ``build_model``, logical axis names), ``functional``
+(split/apply/init/abstract params).
 """
 from tim_jax.models.attention import attention_impls, register_attention
 from tim_jax.models.c2i import NEW_CONDITIONS, TiMC2I
@@ -77,7 +77,6 @@ from tim_jax.models.functional import (
 )
 from tim_jax.models.presets import (
     LOGICAL_AXES,
-    OFFICIAL_PARAM_COUNTS,
     PRESETS,
     build_model,
     model_config,
@@ -86,7 +85,7 @@ from tim_jax.models.presets import (
 from tim_jax.models.t2i import TiMT2I
 
 __all__ = [
-    "LOGICAL_AXES", "NEW_CONDITIONS", "OFFICIAL_PARAM_COUNTS", "PRESETS", "TiMC2I", "TiMT2I",
+    "LOGICAL_AXES", "NEW_CONDITIONS", "PRESETS", "TiMC2I", "TiMT2I",
     "abstract_model", "abstract_params", "attention_impls", "build_model",
     "count_params", "init_params", "make_apply_fn", "make_init_fn", "model_config",
     "params_from_pure_dict", "preset_names", "register_attention", "split_model",

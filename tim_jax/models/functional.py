@@ -33,7 +33,7 @@ def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State]:
 
 
 def make_apply_fn(graphdef: nnx.GraphDef) -> ApplyFn:
-    """``apply_fn(params, x_t, t, r, cond, *, return_proj=False)`` (DESIGN.md network contract):
+    """``apply_fn(params, x_t, t, r, cond, *, return_proj=False)`` (docs/design.md network contract):
     x_t (B, H, W, C); t, r (B,) float32 (already through transport.c_noise); cond (B,) int labels
     (c2i) or (B, L, cap_feat_dim) caption features (t2i). Returns F (B, H, W, C) float32, or
     (F, h_proj (B, N_tokens, z_dim) float32) with return_proj=True."""

@@ -1,6 +1,6 @@
 """Building blocks of the TiM networks (Flax NNX): dense/norm/embedding primitives, the SwiGLU,
-the sinusoidal time embedder, patch embedding, 2D RoPE (official layout and grid order), the
-interval-aware self-attention, the caption cross-attention and the adaLN final layer.
+the sinusoidal time embedder, patch embedding, the adaLN final layer and the REPA projector.
+The attention layers are in ``attention_layers.py``, RoPE in ``rope.py``.
 
 Conventions (the checkpoint converter relies on them; see ``tim_jax/models/__init__.py``):
 
@@ -22,19 +22,16 @@ Conventions (the checkpoint converter relies on them; see ``tim_jax/models/__ini
 """
 from __future__ import annotations
 
-import functools
 import math
 from typing import Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
-from tim_jax.autodiff import in_forward_mode
-from tim_jax.models.attention import attention
-from tim_jax.models.matmul import (einsum_f32, grad_residuals, matmul, matmul_grads,
-                                   operand_dtypes)
+from tim_jax.models import cpu_fused
+from tim_jax.models.cpu_layouts import custom_backward
+from tim_jax.models.matmul import matmul
 
 Array = jax.Array
 Axes = tuple  # logical axis names of one parameter, one entry (str or None) per dim
@@ -131,10 +128,15 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def resolve_dtype(dtype) -> jnp.dtype:
-    """Maps the config value ('float32' | 'bfloat16', or a jnp dtype) to a dtype."""
+    """Maps the config value ('float32' | 'bfloat16' | 'auto', or a jnp dtype) to a dtype;
+    'auto' is :func:`tim_jax.hardware.default_compute_dtype` (bf16 where it is native)."""
     if isinstance(dtype, str):
+        if dtype == "auto":
+            from tim_jax.hardware import default_compute_dtype
+
+            dtype = default_compute_dtype()
         if dtype not in _DTYPES:
-            raise ValueError(f"dtype={dtype!r}; allowed: {sorted(_DTYPES)}")
+            raise ValueError(f"dtype={dtype!r}; allowed: {sorted(_DTYPES) + ['auto']}")
         return jnp.dtype(_DTYPES[dtype])
     d = jnp.dtype(dtype)
     if d not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
@@ -185,20 +187,12 @@ class Dense(nnx.Module):
 
 def layer_norm(x: Array, eps: float, scale: Array | None = None, bias: Array | None = None) -> Array:
     """LayerNorm over the last axis in float32 (biased variance, as torch). Returns float32."""
-    y = _standardize(x.astype(jnp.float32), eps)[0]
+    y = cpu_fused.standardize(x.astype(jnp.float32), eps)[0]
     if scale is not None:
         y = y * scale.astype(jnp.float32)
     if bias is not None:
         y = y + bias.astype(jnp.float32)
     return y
-
-
-def _standardize(x: Array, eps: float) -> tuple[Array, Array]:
-    """``(xhat, rstd)`` of float32 x over the last axis: ``xhat = (x - mean) * rstd``,
-    ``rstd = rsqrt(var + eps)`` (biased variance; rstd keeps the axis as size 1)."""
-    xc = x - jnp.mean(x, axis=-1, keepdims=True)
-    rstd = jax.lax.rsqrt(jnp.mean(jnp.square(xc), axis=-1, keepdims=True) + eps)
-    return xc * rstd, rstd
 
 
 class LayerNorm(nnx.Module):
@@ -274,113 +268,16 @@ class SwiGLU(nnx.Module):
 
 
 def dense_silu_glu(dense: Dense, x: Array) -> Array:
-    """``silu_glu(dense(x))`` for a fused ``[gate | value]`` projection: x (..., in) ->
-    (..., H) in ``dense.dtype``, with the pre-activation ``h = x @ kernel + bias`` (..., 2H)
-    kept in float32 and the result rounded once.
-
-    Rounding ``h`` to bf16 and reading it back costs two memory-bound passes over the widest
-    activation of the block (S/2: (4096, 2048)), about as long as its matmul on the CPU: the
-    forward of the SwiGLU MLP alone (fc1 + activation) 17.2 -> 9.8 ms, the S/2 forward pass
-    598 -> 506 ms (jax 0.10.2, 2-core Xeon). The backward pass (a ``custom_vjp``) keeps
-    ``h`` rounded to the compute dtype, applies the :func:`silu_glu` gradient and then the
-    matmul's (:func:`tim_jax.models.matmul.matmul_grads`). Inside
-    :func:`tim_jax.autodiff.forward_mode` it is plain autodiff of the same forward."""
+    """``silu(gate) * value`` of a fused ``[gate | value]`` projection ``dense(x)``: x (..., in)
+    -> (..., H) in ``dense.dtype``, the activation in float32. With the CPU layouts it is
+    ``cpu_fused.dense_silu_glu`` (float32 pre-activation, a hand-written backward)."""
     x2 = x.reshape(-1, x.shape[-1])
-    kernel = dense.kernel[...]
     bias = None if dense.bias is None else dense.bias[...]
-    if in_forward_mode():
-        y = _dense_glu_forward(x2, kernel, bias, dense.dtype, dense.precision)[0]
+    if custom_backward():
+        y = cpu_fused.dense_silu_glu_op(x2, dense.kernel[...], bias, dense.dtype, dense.precision)
     else:
-        y = _dense_glu(x2, kernel, bias, dense.dtype, dense.precision,
-                       operand_dtypes(x2, kernel, bias))
+        y = cpu_fused.silu_glu(dense(x2))
     return y.reshape(*x.shape[:-1], y.shape[-1])
-
-
-def _dense_glu_forward(x, kernel, bias, dtype, precision):
-    """(silu_glu output in dtype, pre-activation float32) of x (M, in) @ kernel (in, 2H).
-
-    The bias is added inside the activation (and again for the returned pre-activation), not
-    to the matmul result: added there, XLA:CPU folds it into the YNNPACK dot's epilogue,
-    which reads it as a materialised (M, 2H) broadcast (S/2: 32 MB written and read per
-    block)."""
-    h = einsum_f32("mi,io->mo", x, kernel, dtype, precision)
-    if bias is None:
-        return _silu_glu(h).astype(dtype), h
-    b = bias.astype(jnp.float32)
-    return _silu_glu(h, b).astype(dtype), h + b
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _dense_glu(x, kernel, bias, dtype, precision, in_dtypes):
-    del in_dtypes  # static (x dtype, kernel dtype, bias (dtype, shape)) for the backward
-    return _dense_glu_forward(x, kernel, bias, dtype, precision)[0]
-
-
-def _dense_glu_fwd(x, kernel, bias, dtype, precision, in_dtypes):
-    del in_dtypes
-    x, kernel = x.astype(dtype), kernel.astype(dtype)   # cast once, reused by the backward
-    x_res, x = grad_residuals("mi,io->mo", x, kernel, dtype=dtype)
-    y, h = _dense_glu_forward(x, kernel, bias, dtype, precision)
-    return y, (x_res, kernel, h.astype(dtype))
-
-
-def _dense_glu_bwd(dtype, precision, in_dtypes, res, g):
-    x, kernel, h = res
-    (dh,) = _silu_glu_bwd(h, g)
-    return matmul_grads("mi,io->mo", x, kernel, dh, dtype=dtype, precision=precision,
-                        in_dtypes=in_dtypes)
-
-
-_dense_glu.defvjp(_dense_glu_fwd, _dense_glu_bwd)
-
-
-def silu_glu(h: Array) -> Array:
-    """``silu(gate) * value`` for ``h = [gate | value]`` (..., 2H) -> (..., H), computed in
-    float32 and rounded once to ``h.dtype``.
-
-    Its backward (a ``custom_vjp``) is one elementwise pass that writes the (..., 2H) gradient
-    in ``h.dtype``. Plain autodiff of the two slices builds it from two
-    zero-padded halves and, for bfloat16, rounds after every op. Inside
-    :func:`tim_jax.autodiff.forward_mode` (``jax.jvp``) it is plain autodiff."""
-    if in_forward_mode():
-        return _silu_glu(h)
-    return _silu_glu_vjp(h)
-
-
-def _silu_glu(h: Array, bias: Array | None = None) -> Array:
-    """``silu(gate) * value`` of ``h`` (+ ``bias`` (2H,), added to each half after the split)
-    in float32, rounded to ``h.dtype``."""
-    gate, value = jnp.split(h.astype(jnp.float32), 2, axis=-1)
-    if bias is not None:
-        b_gate, b_value = jnp.split(bias, 2)
-        gate, value = gate + b_gate, value + b_value
-    return (jax.nn.silu(gate) * value).astype(h.dtype)
-
-
-@jax.custom_vjp
-def _silu_glu_vjp(h: Array) -> Array:
-    return _silu_glu(h)
-
-
-def _silu_glu_fwd(h):
-    return _silu_glu(h), h
-
-
-def _silu_glu_bwd(h, g):
-    # Both halves of the gradient in one elementwise pass over a (..., 2, H) view: a select
-    # between the gate and the value formula, rounded once to h.dtype (a concatenation would
-    # be a separate float32 copy on XLA:CPU).
-    hh = h.reshape(*h.shape[:-1], 2, h.shape[-1] // 2).astype(jnp.float32)
-    gate, value = hh[..., :1, :], hh[..., 1:, :]
-    g = g.astype(jnp.float32)[..., None, :]
-    sig = jax.nn.sigmoid(gate)
-    dgate = g * value * sig * (1.0 + gate * (1.0 - sig))
-    dvalue = g * gate * sig
-    first = jax.lax.broadcasted_iota(jnp.int32, hh.shape, hh.ndim - 2) == 0
-    return (jnp.where(first, dgate, dvalue).astype(h.dtype).reshape(h.shape),)
-
-
-_silu_glu_vjp.defvjp(_silu_glu_fwd, _silu_glu_bwd)
 
 
 # -------------------------------------------------------------------------------------------
@@ -494,225 +391,6 @@ def unpatchify(x: Array, h: int, w: int, patch_size: int, channels: int) -> Arra
 def modulate(x: Array, shift: Array, scale: Array) -> Array:
     """adaLN modulation ``x * (1 + scale) + shift`` (official ``funcs.modulate``)."""
     return x * (1.0 + scale) + shift
-
-
-# -------------------------------------------------------------------------------------------
-# 2D RoPE (official FiT/TiM ``VisionRotaryEmbedding``, custom_freqs='normal', theta=10000)
-
-
-def rope_grid(h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per-token RoPE coordinates (g0, g1) of an h x w token grid (tokens row-major over h rows
-    of w columns), in the OFFICIAL order: the grid is built with
-    ``meshgrid(arange(h), arange(w), indexing='xy')`` and flattened, which gives, for token k,
-    ``g0 = k mod h`` and ``g1 = k div h``. For a square grid that is (column, row); for a
-    non-square grid it is NOT the true (column, row) layout, but the trained weights depend on it,
-    so it is reproduced as is."""
-    k = np.arange(h * w)
-    return k % h, k // h
-
-
-def rope_tables(h: int, w: int, head_dim: int, theta: float = 10000.0) -> tuple[np.ndarray, np.ndarray]:
-    """(cos, sin) tables of shape (h*w, head_dim), float32 numpy, computed at trace time.
-
-    Per axis ``dim = head_dim // 2`` channels with frequencies ``theta ** (-2j / dim)``,
-    j < dim // 2, each repeated twice (interleaved pairs: channel 2j and 2j+1 share frequency j).
-    The first ``dim`` channels rotate with coordinate g0, the last ``dim`` with g1 (see
-    ``rope_grid``). Frequencies and angles are float32 as in the official code.
-    """
-    if head_dim % 4:
-        raise ValueError(f"head_dim={head_dim} must be divisible by 4 for the 2D RoPE")
-    dim = head_dim // 2
-    freqs = (1.0 / (np.float32(theta) ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim))))
-    freqs = freqs.astype(np.float32)
-    g0, g1 = rope_grid(h, w)
-    a0 = np.repeat(g0.astype(np.float32)[:, None] * freqs[None], 2, axis=-1)
-    a1 = np.repeat(g1.astype(np.float32)[:, None] * freqs[None], 2, axis=-1)
-    ang = np.concatenate([a0, a1], axis=-1).astype(np.float64)
-    return np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
-
-
-def rotate_half(x: Array) -> Array:
-    """Interleaved-pair rotation: (x0, x1, x2, x3, ...) -> (-x1, x0, -x3, x2, ...)."""
-    xp = x.reshape(*x.shape[:-1], x.shape[-1] // 2, 2)
-    return jnp.stack([-xp[..., 1], xp[..., 0]], axis=-1).reshape(x.shape)
-
-
-def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
-    """x (..., L, Dh) rotated by tables (L, Dh): ``x * cos + rotate_half(x) * sin`` (float32)."""
-    x = x.astype(jnp.float32)
-    return x * cos + rotate_half(x) * sin
-
-
-def scaled_rope(rope: tuple[Array, Array], head_dim: int) -> tuple[Array, Array]:
-    """The query's RoPE tables (L, Dh) times the softmax scale ``head_dim ** -0.5``, so that the
-    query leaves :func:`norm_rope` already scaled and the attention runs with ``scale=1.0``
-    (the same logits: ``(s q) k^T = s (q k^T)``; exact in bf16 when the scale is a power of 2,
-    as for Dh = 64). XLA:CPU writes a scale applied to the logits out as a (B, H, Lq, Lk)
-    float32 broadcast that every attention fusion reads; in the tables it costs nothing.
-    The whole S/2 step 1.039x (paired, in one process)."""
-    s = head_dim ** -0.5
-    return rope[0] * s, rope[1] * s
-
-
-def norm_rope(x: Array, norm: LayerNorm | None, cos: Array, sin: Array, dtype) -> Array:
-    """The attention's query/key path: ``apply_rope(norm(x), cos, sin)`` rounded to ``dtype``.
-
-    x (B, H, L, Dh) float32, ``norm`` the QK-norm over Dh (or None: RoPE only), tables
-    (L, Dh); returns (B, H, L, Dh) in ``dtype``. The backward pass (a ``custom_vjp``) is
-    written out: the rotation's transpose ``g * cos - rotate_half(g * sin)``, then the
-    LayerNorm gradient from the saved normalised input, where plain autodiff builds the
-    transpose of the pair interleave from slices and concatenations. With the SwiGLU bias
-    change this made the whole step 1.03x faster for S/2 and B/4 (paired, in one process).
-    Inside :func:`tim_jax.autodiff.forward_mode` it is plain autodiff of the same math.
-    """
-    cos, sin = jnp.asarray(cos, jnp.float32), jnp.asarray(sin, jnp.float32)
-    if norm is None or in_forward_mode():
-        y = x if norm is None else norm(x)
-        return apply_rope(y, cos, sin).astype(dtype)
-    return _norm_rope(x.astype(jnp.float32), norm.scale[...].astype(jnp.float32),
-                      norm.bias[...].astype(jnp.float32), cos, sin, norm.eps, dtype)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def _norm_rope(x, scale, bias, cos, sin, eps, dtype):
-    return _norm_rope_fwd(x, scale, bias, cos, sin, eps, dtype)[0]
-
-
-def _norm_rope_fwd(x, scale, bias, cos, sin, eps, dtype):
-    xhat, rstd = _standardize(x, eps)
-    y = apply_rope(xhat * scale + bias, cos, sin).astype(dtype)
-    return y, (xhat, rstd, scale, cos, sin)
-
-
-def _norm_rope_bwd(eps, dtype, res, g):
-    xhat, rstd, scale, cos, sin = res
-    g = g.astype(jnp.float32)
-    dz = g * cos - rotate_half(g * sin)          # rotate_half^T = -rotate_half
-    batch_axes = tuple(range(dz.ndim - 1))
-    dxhat = dz * scale
-    dx = rstd * (dxhat - jnp.mean(dxhat, axis=-1, keepdims=True)
-                 - xhat * jnp.mean(dxhat * xhat, axis=-1, keepdims=True))
-    return (dx, jnp.sum(dz * xhat, axis=batch_axes), jnp.sum(dz, axis=batch_axes),
-            jnp.zeros_like(cos), jnp.zeros_like(sin))
-
-
-_norm_rope.defvjp(_norm_rope_fwd, _norm_rope_bwd)
-
-
-# -------------------------------------------------------------------------------------------
-# attention layers (every one calls ``attention.attention``; layout heads-first (B, H, L, Dh))
-
-
-def project_heads(dense: Dense, x: Array, parts: int, num_heads: int,
-                  bias_offset: Array | None = None, out_dtype=None) -> list[Array]:
-    """A fused projection (``dense``: in -> parts * H * Dh, columns ordered (parts, H, Dh))
-    written straight in the heads-first layout: x (B, L, in) -> ``parts`` arrays (B, H, L, Dh)
-    in ``out_dtype`` (default ``dense.dtype``). ``bias_offset`` (B, 1, parts * H * Dh) float32
-    is added to the bias before the single rounding (one row per sample, e.g. the
-    interval-aware term).
-
-    The (B, L, H, Dh) -> (B, H, L, Dh) transpose happens on the float32 matmul result, before
-    the rounding. Transposing the rounded bf16 projection instead makes XLA:CPU upcast the
-    attention matmuls that read it to float32 (measured: 4 of the 6 attention matmuls of a
-    forward+backward pass, 1.2-2x slower)."""
-    b, n, _ = x.shape
-    kernel = dense.kernel[...]
-    dh = kernel.shape[-1] // (parts * num_heads)
-    bias = None if dense.bias is None else dense.bias[...].astype(jnp.float32)
-    if bias_offset is not None:
-        bias = bias_offset if bias is None else bias_offset + bias
-        bias = bias.reshape(b, parts, num_heads, 1, dh).transpose(1, 0, 2, 3, 4)
-    elif bias is not None:
-        bias = bias.reshape(parts, 1, num_heads, 1, dh)
-    y = matmul("bni,ithd->tbhnd", x, kernel.reshape(-1, parts, num_heads, dh),
-               dtype=dense.dtype, precision=dense.precision, bias=bias,
-               out_dtype=dense.dtype if out_dtype is None else out_dtype)
-    # jnp.split: its backward is ONE concatenation (indexing would add zero-padded parts)
-    return [p[0] for p in jnp.split(y, parts, axis=0)]
-
-
-class SelfAttention(nnx.Module):
-    """Official TiM ``Attention``: fused qkv (bias) + the interval-aware projection ``qkv_d`` of
-    the Δt embedding (no bias; ``distance_aware``), LayerNorm QK-norm over head_dim (affine,
-    eps 1e-5, torch default), 2D RoPE on q and k, softmax attention, output ``proj``.
-
-    qkv columns are ordered (3, heads, head_dim): q = [0, D), k = [D, 2D), v = [2D, 3D).
-    """
-
-    def __init__(
-        self, dim: int, num_heads: int, *, qk_norm: bool, distance_aware: bool,
-        attention_impl: str = "xla", dtype=jnp.float32, precision=None, rngs: nnx.Rngs,
-    ):
-        if dim % num_heads:
-            raise ValueError(f"hidden_size={dim} must be divisible by num_heads={num_heads}")
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
-        self.attention_impl = attention_impl
-        self.dtype = resolve_dtype(dtype)
-        kw = dict(dtype=dtype, precision=precision, rngs=rngs)
-        self.qkv = Dense(dim, 3 * dim, axes=("embed", "heads"), **kw)
-        self.qkv_d = (Dense(dim, 3 * dim, axes=("embed", "heads"), use_bias=False, **kw)
-                      if distance_aware else None)
-        self.q_norm = LayerNorm(self.head_dim, eps=1e-5, rngs=rngs) if qk_norm else None
-        self.k_norm = LayerNorm(self.head_dim, eps=1e-5, rngs=rngs) if qk_norm else None
-        self.proj = Dense(dim, dim, axes=("heads", "embed"), **kw)
-
-    def __call__(self, x: Array, rope: tuple[Array, Array], delta: Array | None = None) -> Array:
-        """x (B, L, D) in dtype; rope = (cos, sin) (L, head_dim); delta (B, 1, D) float32 Δt
-        embedding (used when distance_aware). Returns (B, L, D) in dtype."""
-        b, n, d = x.shape
-        # the interval-aware term W_d·emb(Δt) is one bias row per sample of the qkv matmul
-        offset = None
-        if self.qkv_d is not None:
-            offset = matmul("bji,io->bjo", delta, self.qkv_d.kernel[...], dtype=self.dtype,
-                            precision=self.qkv_d.precision)
-        # q and k go on in float32 (QK-norm, RoPE): the projection is not rounded to the compute
-        # dtype and read back for them, only v is (S/2 step 1.02-1.04x, B/4 1.06x, paired)
-        q, k, v = project_heads(self.qkv, x, 3, self.num_heads, offset,
-                                out_dtype=jnp.float32)                    # (B, H, L, Dh)
-        v = v.astype(self.dtype)
-        q = norm_rope(q, self.q_norm, *scaled_rope(rope, self.head_dim), self.dtype)
-        k = norm_rope(k, self.k_norm, *rope, self.dtype)
-        o = attention(q, k, v, impl=self.attention_impl, scale=1.0)
-        o = o.transpose(0, 2, 1, 3).reshape(b, n, d)
-        return self.proj(o)
-
-
-class CrossAttention(nnx.Module):
-    """Official t2i ``CrossAttention``: q from the image tokens, fused kv from the caption tokens
-    (both with bias), LayerNorm QK-norm (eps 1e-5), RoPE on q ONLY (keys are not rotated), no
-    mask, output ``proj``. kv columns are ordered (2, heads, head_dim)."""
-
-    def __init__(
-        self, dim: int, num_heads: int, *, qk_norm: bool, attention_impl: str = "xla",
-        dtype=jnp.float32, precision=None, rngs: nnx.Rngs,
-    ):
-        if dim % num_heads:
-            raise ValueError(f"hidden_size={dim} must be divisible by num_heads={num_heads}")
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
-        self.attention_impl = attention_impl
-        self.dtype = resolve_dtype(dtype)
-        kw = dict(dtype=dtype, precision=precision, rngs=rngs)
-        self.q = Dense(dim, dim, axes=("embed", "heads"), **kw)
-        self.kv = Dense(dim, 2 * dim, axes=("embed", "kv"), **kw)
-        self.q_norm = LayerNorm(self.head_dim, eps=1e-5, rngs=rngs) if qk_norm else None
-        self.k_norm = LayerNorm(self.head_dim, eps=1e-5, rngs=rngs) if qk_norm else None
-        self.proj = Dense(dim, dim, axes=("heads", "embed"), **kw)
-
-    def __call__(self, x: Array, y: Array, rope: tuple[Array, Array]) -> Array:
-        """x (B, N, D) image tokens, y (B, M, D) caption tokens; rope tables (N, head_dim).
-        Returns (B, N, D) in dtype."""
-        b, n, d = x.shape
-        (q,) = project_heads(self.q, x, 1, self.num_heads, out_dtype=jnp.float32)  # -> RoPE
-        k, v = project_heads(self.kv, y, 2, self.num_heads)
-        q = norm_rope(q, self.q_norm, *scaled_rope(rope, self.head_dim), self.dtype)
-        if self.k_norm is not None:
-            k = self.k_norm(k)
-        k = k.astype(self.dtype)
-        o = attention(q, k, v, impl=self.attention_impl, scale=1.0)
-        o = o.transpose(0, 2, 1, 3).reshape(b, n, d)
-        return self.proj(o)
 
 
 class FinalLayer(nnx.Module):

@@ -33,7 +33,7 @@ Model-config fields (``config.model``; official constructor names plus JAX knobs
     dtype              compute dtype 'float32' | 'bfloat16' (params always float32)
     scan_blocks        stack the blocks on a leading 'layers' axis and run them with lax.scan
     remat              per-block remat: 'none' | 'full' | 'dots' | 'dots_no_batch' (+ aliases,
-                       see c2i.REMAT_POLICIES)
+                       see backbone.REMAT_POLICIES)
     attention_impl     name registered in tim_jax.models.attention ('xla', 'xla_softmax',
                        'dot_product', 'cudnn', ...)
     matmul_precision   'default' | 'high' | 'highest': jax.lax.Precision of the weight matmuls
@@ -96,7 +96,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "c2i_xl2_256": {**_C2I, **_COMMON, **_XL, **_SD_VAE_256, "patch_size": 2},
     "c2i_xl1_512": {**_C2I, **_COMMON, **_XL, **_DC_AE_512, "patch_size": 1},
     "t2i_xl1": {**_T2I, **_COMMON, **_XL, **_DC_AE_512, "patch_size": 1},
-    # Tiny sizes for tests / debugging. c2i_tiny = /work/shared/parity/c2i_tiny/config.json.
+    # Tiny sizes for tests / debugging. c2i_tiny = tests/fixtures/parity/c2i_tiny/config.json.
     "c2i_tiny": {**_COMMON, "kind": "c2i", "num_classes": 10, "class_dropout_prob": 0.1,
                  "input_size": 8, "in_channels": 4, "patch_size": 2, "depth": 3,
                  "hidden_size": 64, "num_heads": 4, "encoder_depth": 2, "lora_hidden_size": 24,
@@ -105,14 +105,6 @@ PRESETS: dict[str, dict[str, Any]] = {
                  "in_channels": 4, "patch_size": 2, "depth": 2, "hidden_size": 64,
                  "num_heads": 4, "encoder_depth": 1, "lora_hidden_size": 24,
                  "projector_dim": 128, "z_dim": 32},
-}
-
-# Official parameter counts (REPA projector included), checked by tests/test_presets.py.
-OFFICIAL_PARAM_COUNTS = {
-    "c2i_b4_256": 136_173_120,
-    "c2i_xl2_256": 672_259_344,
-    "c2i_xl1_512": 672_296_224,
-    "t2i_xl1": 873_109_408,
 }
 
 _MODEL_CLASSES = {"c2i": TiMC2I, "t2i": TiMT2I}

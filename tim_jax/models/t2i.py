@@ -1,6 +1,6 @@
 """The text-conditional TiM network (official ``tim/models/t2i/tim_model.py``) in Flax NNX.
 
-Same trunk as c2i (``c2i.TiMBase``) with two differences:
+Same trunk as c2i (``backbone.TiMBackbone``) with two differences:
 
 * conditioning: c = E_t + E_Δ (no pooled text); the caption features (B, M, cap_feat_dim) go
   through ``y_embedder`` = LayerNorm(cap_feat_dim, affine, eps 1e-5) then SwiGLU(cap_feat_dim ->
@@ -17,7 +17,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from tim_jax.models import layers as L
-from tim_jax.models.c2i import TiMBase, mlp_hidden_features, require
+from tim_jax.models.attention_layers import CrossAttention, SelfAttention
+from tim_jax.models.backbone import AdaLNBlock, TiMBackbone, mlp_hidden_features, require
 
 Array = jax.Array
 
@@ -39,7 +40,7 @@ class CaptionEmbedder(nnx.Module):
         return self.mlp(self.norm(cap_feats))
 
 
-class TiMT2IBlock(nnx.Module):
+class TiMT2IBlock(AdaLNBlock):
     """t2i block: adaLN-Zero (SwiGLU D -> lora -> 9D, float32, fc2 zero-init) around
     self-attention, caption cross-attention and the SwiGLU MLP."""
 
@@ -48,20 +49,16 @@ class TiMT2IBlock(nnx.Module):
                  precision, rngs: nnx.Rngs):
         self.dtype = L.resolve_dtype(dtype)
         kw = dict(dtype=dtype, precision=precision, rngs=rngs)
-        self.attn = L.SelfAttention(hidden_size, num_heads, qk_norm=qk_norm,
+        self.attn = SelfAttention(hidden_size, num_heads, qk_norm=qk_norm,
                                     distance_aware=distance_aware,
                                     attention_impl=attention_impl, **kw)
-        self.cross_attn = L.CrossAttention(hidden_size, num_heads, qk_norm=qk_norm,
+        self.cross_attn = CrossAttention(hidden_size, num_heads, qk_norm=qk_norm,
                                            attention_impl=attention_impl, **kw)
         self.mlp = L.SwiGLU(hidden_size, mlp_hidden_features(hidden_size, mlp_ratio),
                             hidden_size, **kw)
         self.adaLN_modulation = L.SwiGLU(
             hidden_size, lora_hidden_size, 9 * hidden_size, fc2_init=L.zeros,
             dtype=jnp.float32, precision=precision, rngs=rngs)
-
-    def _sub(self, x, shift, scale, gate, fn):
-        h = L.modulate(L.layer_norm(x, 1e-6), shift, scale).astype(self.dtype)
-        return x + gate * fn(h).astype(jnp.float32)
 
     def __call__(self, x: Array, y: Array, c: Array, delta: Array, rope) -> Array:
         """x (B, N, D) float32; y (B, M, D) caption tokens; c, delta (B, 1, D) float32."""
@@ -72,37 +69,25 @@ class TiMT2IBlock(nnx.Module):
         return self._sub(x, sh3, sc3, g3, self.mlp)
 
 
-class TiMT2I(TiMBase):
+class TiMT2I(TiMBackbone):
     """Text-conditional TiM (the 865M flagship at the official size). Call:
     ``model(x_t, t, r, cap_feats, return_proj=False)`` with x_t (B, H, W, C) NHWC, t, r (B,)
     float32, cap_feats (B, M, cap_feat_dim) float (e.g. Gemma-3-1B last hidden states; the CFG
     null condition is the encoding of the empty caption). Returns F (B, H, W, C) float32, or
     (F, h_proj (B, N, z_dim) float32)."""
 
-    def __init__(
-        self, *, input_size: int = 16, patch_size: int = 1, in_channels: int = 32,
-        hidden_size: int = 1152, depth: int = 28, num_heads: int = 16, mlp_ratio: float = 4.0,
-        encoder_depth: int = 8, projector_dim: int = 2048, z_dim: int = 768,
-        cap_feat_dim: int = 1152, new_condition: str = "t-r", use_new_embed: bool = True,
-        qk_norm: bool = True, distance_aware: bool = True, lora_hidden_size: int | None = 384,
-        dtype: str = "float32", scan_blocks: bool = False, remat: str = "none",
-        attention_impl: str = "xla", matmul_precision: str | None = None,
-        rngs: nnx.Rngs | int,
-    ):
+    def __init__(self, *, cap_feat_dim: int = 1152, rngs: nnx.Rngs | int, **trunk):
+        """``trunk``: the :class:`TiMBackbone` arguments; the t2i defaults differ in
+        input_size 16, patch_size 1, in_channels 32 (DC-AE f32c32 latents)."""
         require(isinstance(cap_feat_dim, int) and cap_feat_dim >= 1,
-               f"cap_feat_dim={cap_feat_dim!r} must be a positive int")
+                f"cap_feat_dim={cap_feat_dim!r} must be a positive int")
+        trunk = {"input_size": 16, "patch_size": 1, "in_channels": 32, **trunk}
         super().__init__(
-            input_size=input_size, patch_size=patch_size, in_channels=in_channels,
-            hidden_size=hidden_size, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
-            encoder_depth=encoder_depth, projector_dim=projector_dim, z_dim=z_dim,
-            new_condition=new_condition, use_new_embed=use_new_embed, qk_norm=qk_norm,
-            distance_aware=distance_aware, lora_hidden_size=lora_hidden_size, dtype=dtype,
-            scan_blocks=scan_blocks, remat=remat, attention_impl=attention_impl,
-            matmul_precision=matmul_precision, block_factory=TiMT2IBlock,
-            y_embedder_factory=lambda keys: CaptionEmbedder(
-                cap_feat_dim, hidden_size, dtype=dtype,
-                precision=L.resolve_precision(matmul_precision), rngs=keys),
-            rngs=rngs)
+            block_factory=TiMT2IBlock,
+            y_embedder_factory=lambda hidden_size, keys: CaptionEmbedder(
+                cap_feat_dim, hidden_size, dtype=trunk.get("dtype", "float32"),
+                precision=L.resolve_precision(trunk.get("matmul_precision")), rngs=keys),
+            rngs=rngs, **trunk)
         self.cap_feat_dim = cap_feat_dim
 
     def __call__(self, x: Array, t, r, cap_feats, *, return_proj: bool = False):

@@ -1,0 +1,1 @@
+"""Input pipelines: synthetic and array sources, Grain iteration, host-to-device batches."""

@@ -1,0 +1,1 @@
+"""Sample-quality evaluation: distances between feature distributions (FID and friends)."""

@@ -1,0 +1,1 @@
+"""Pallas kernels of tim_jax (flash attention: forward, backward and forward-mode JVP)."""
