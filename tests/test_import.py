@@ -10,7 +10,7 @@ def test_eight_fake_devices():
 
 
 @pytest.mark.parametrize("module", ["tim_jax.train", "tim_jax.convert", "tim_jax.parity",
-                                    "tim_jax.training.export", "tim_jax.demo.cli", "tim_jax.sample",
+                                    "tim_jax.training.export", "tim_jax.demo.cli", "tim_jax.sample", "tim_jax.evaluate", "tim_jax.prepare",
                                     "tim_jax.bench.cli"])
 def test_cli_modules_import_and_have_main(module):
     assert callable(importlib.import_module(module).main)

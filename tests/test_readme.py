@@ -33,7 +33,7 @@ _SUBSTITUTIONS = [
     ("--labels 207,360,387,974", "--labels 1,2,3,4"),            # c2i_tiny has 10 classes
     ("--steps 1,2,4,8 --cfg 1.0 --size 256x256", "--steps 1,2 --size 32x32"),
     ("--config.data.global_batch_size=16",
-     "--config.data.global_batch_size=2 --config.model.depth=2 --steps 1 --warmup 0"),
+     "--config.data.global_batch_size=2 --config.model.depth=4 --steps 1 --warmup 0"),
 ]
 
 

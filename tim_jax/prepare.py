@@ -6,7 +6,8 @@ the CPU (:mod:`tim_jax.cpu_allocator`), before the heavy imports.
 """
 from tim_jax import cpu_allocator
 
-cpu_allocator.maybe_reexec()
+if __name__ == "__main__":   # only when run as a program, never on import
+    cpu_allocator.maybe_reexec()
 
 from tim_jax.data.prepare import main  # noqa: E402
 
