@@ -48,8 +48,8 @@ elif command -v nvidia-smi >/dev/null; then
 fi
 
 rc=0
-for config in configs/c2i_b4_256.py configs/c2i_s2_256.py; do
-  name=$(basename "$config" .py)
+for config in configs/c2i_b4_256.py:synthetic configs/c2i_s2_256.py; do
+  name=$(basename "${config%%:*}" .py)
   cmd=("$PYTHON" -m tim_jax.bench official --config "$config" \
       --config.data.global_batch_size=256 --torch-device cuda --peak_n 8192 \
       --official-repo "$OFFICIAL_REPO" --torch-python "$TORCH_PYTHON" \

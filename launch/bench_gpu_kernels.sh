@@ -19,7 +19,7 @@
 # Environment: OUT_DIR (default $OUT under the device tool, else ./bench_gpu_out), PYTHON
 # (python3), STAGES (kernels,step,official: the stages to run), TOTAL_S (470: the whole
 # script), KERNEL_S (170), STEP_S (240), OFFICIAL_S (150),
-# CONFIG (configs/c2i_xl2_256.py), BATCH (256), MICRO (32), OFFICIAL_REPO, TORCH_PYTHON,
+# CONFIG (configs/c2i_xl2_256.py:synthetic), BATCH (256), MICRO (32), OFFICIAL_REPO, TORCH_PYTHON,
 # OFFICIAL_BATCH (32: the official per-GPU batch; `official` has no accumulation), NO_INSTALL
 # (1: never pip install), PACK (1 when
 # $OUT is set: at most 8 files come back from the device tool, 2 folders deep).
@@ -68,7 +68,7 @@ TOTAL_S=${TOTAL_S:-470}
 KERNEL_S=${KERNEL_S:-170}
 STEP_S=${STEP_S:-240}
 OFFICIAL_S=${OFFICIAL_S:-150}
-CONFIG=${CONFIG:-configs/c2i_xl2_256.py}
+CONFIG=${CONFIG:-configs/c2i_xl2_256.py:synthetic}
 BATCH=${BATCH:-256}
 MICRO=${MICRO:-32}
 OFFICIAL_BATCH=${OFFICIAL_BATCH:-32}

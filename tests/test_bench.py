@@ -32,7 +32,8 @@ def run_cli(*args, timeout=600, one_device=False):
     """``python -m tim_jax.bench ARGS``; with ``one_device`` without the 8 fake CPU devices of conftest.py."""
     env = dict(os.environ)
     if one_device:
-        env["XLA_FLAGS"] = re.sub(r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", ""))
+        env["XLA_FLAGS"] = re.sub(r"--xla_force_host_platform_device_count=\d+", "",
+                                  env.get("XLA_FLAGS", "")).strip()
     return subprocess.run([sys.executable, "-m", "tim_jax.bench", *args], cwd=REPO, capture_output=True,
                           text=True, timeout=timeout, env=env)
 

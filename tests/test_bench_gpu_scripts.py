@@ -192,11 +192,11 @@ def test_launcher_dry_run_prints_the_stages(tmp_path):
     stages = [l.split()[2] for l in text.splitlines() if l.startswith("=== stage ")]
     assert stages == ["setup:", "attention_kernels", "step_mfu", "official_xl2:", "summary:"]
     assert "-m tim_jax.bench.attention_kernels --out " + str(out) in text
-    assert "-m tim_jax.bench.step_mfu --config configs/c2i_xl2_256.py --batch 256 " \
+    assert "-m tim_jax.bench.step_mfu --config configs/c2i_xl2_256.py:synthetic --batch 256 " \
            "--micro-batch 32 --variants dde:" in text and "--trace-steps 2" in text
     assert "official_xl2: skipped" in text
     with_official = dry(OFFICIAL_REPO="/somewhere/TiM", STAGES="official")
-    assert "-m tim_jax.bench official --config configs/c2i_xl2_256.py " in with_official
+    assert "-m tim_jax.bench official --config configs/c2i_xl2_256.py:synthetic " in with_official
     assert "--official-repo /somewhere/TiM" in with_official
     assert "attention_kernels: not in STAGES" in with_official
     assert not out.exists()  # a dry run writes nothing

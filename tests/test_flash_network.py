@@ -13,19 +13,22 @@ import pytest
 
 from tim_jax.autodiff import forward_mode
 from tim_jax.models import attention as A
-from tim_jax.models import init_params, make_apply_fn, model_config
+from tim_jax.models import abstract_model, make_apply_fn, model_config
 from tim_jax.models.kernels.flash_attention import kernel_calls
+
+DEPTH = 1
 
 
 def _net(impl):
-    """The c2i_tiny network with every parameter random (the official init zeroes the output
-    layer, which would make any attention "match")."""
-    cfg = model_config("c2i_tiny", attention_impl=impl)
-    graphdef, params = init_params(cfg, key=0)
-    leaves, tree = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.key(2), len(leaves))
-    leaves = [0.2 * jax.random.normal(k, p.shape, p.dtype) for k, p in zip(keys, leaves)]
-    return make_apply_fn(graphdef), jax.tree.unflatten(tree, leaves)
+    """The c2i_tiny network at depth 1 (the kernel is the same in every block) with every
+    parameter random (the official init zeroes the output layer, which would make any attention
+    "match"); the same parameters for every ``impl``."""
+    cfg = model_config("c2i_tiny", attention_impl=impl, depth=DEPTH, encoder_depth=1)
+    graphdef, shapes = abstract_model(cfg)
+    rng = np.random.default_rng(2)   # numpy: a jitted draw per leaf compiles for seconds
+    params = jax.tree.map(lambda p: jnp.asarray(0.2 * rng.standard_normal(p.shape), p.dtype),
+                          shapes)
+    return make_apply_fn(graphdef), params
 
 
 def _inputs():
@@ -47,26 +50,28 @@ def test_flash_network_output_gradient_and_jvp_equal_xla():
     results = {}
     for impl in ("xla", "xla_softmax", "flash"):
         apply_fn, params = _net(impl)
-        out = apply_fn(params, x, t, r, y)
-        grads = jax.grad(lambda p: jnp.sum(apply_fn(p, x, t, r, y) ** 2))(params)
+        # jitted: eager (op-by-op) interpret-mode kernels take several times longer
+        out = jax.jit(apply_fn)(params, x, t, r, y)
+        grads = jax.jit(jax.grad(lambda p: jnp.sum(apply_fn(p, x, t, r, y) ** 2)))(params)
         with forward_mode():
-            _, tangent = jax.jvp(lambda x: apply_fn(params, x, t, r, y), (x,), (v,))
+            _, tangent = jax.jit(lambda x: jax.jvp(lambda x: apply_fn(params, x, t, r, y),
+                                                   (x,), (v,)))(x)
         results[impl] = (out, grads, tangent)
     (o1, g1, t1), (_, g0, _), (o2, g2, t2) = (results[k] for k in ("xla", "xla_softmax", "flash"))
     assert _rel(o2, o1) < 1e-5
     assert _rel(t2, t1) < 1e-5
     # parameter gradients: within 1e-5 of their scale, or within 4x the float32 disagreement
     # of the two XLA attentions (another softmax order) on the same leaf
-    for a, b, c in zip(jax.tree.leaves(g2), jax.tree.leaves(g1), jax.tree.leaves(g0)):
-        noise = float(jnp.max(jnp.abs(c - b)))
-        scale = max(float(jnp.max(jnp.abs(b))), 1e-6)
-        assert float(jnp.max(jnp.abs(a - b))) <= max(1e-5 * scale, 4 * noise), (noise, scale)
+    for a, b, c in zip(*(map(np.asarray, jax.tree.leaves(g)) for g in (g2, g1, g0))):
+        noise = float(np.max(np.abs(c - b)))
+        scale = max(float(np.max(np.abs(b))), 1e-6)
+        assert float(np.max(np.abs(a - b))) <= max(1e-5 * scale, 4 * noise), (noise, scale)
 
 
 def test_network_jvp_goes_through_the_jvp_kernel():
     x, v, t, r, y = _inputs()
     apply_fn, params = _net("flash")
-    depth = model_config("c2i_tiny").depth
+    depth = DEPTH
     with forward_mode():
         jaxpr = jax.make_jaxpr(
             lambda x, v: jax.jvp(lambda x: apply_fn(params, x, t, r, y), (x,), (v,)))(x, v)

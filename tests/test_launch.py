@@ -210,11 +210,11 @@ def test_bench_gpu_dry_run(tmp_path):
     cmds = _dry_run(tmp_path, "bench_gpu.sh", str(official), "python3", "--rounds", "6", "--dry-run", env=env)
     assert cmds[0] == ["nvidia-smi", "-L"]
     assert len(cmds) == 3
-    for cmd, name in zip(cmds[1:], ("c2i_b4_256", "c2i_s2_256")):
+    for cmd, (name, variant) in zip(cmds[1:], (("c2i_b4_256", ":synthetic"), ("c2i_s2_256", ""))):
         var, argv = _env_and_argv(cmd)
         assert var["TIM_JAX_NO_REEXEC"] == "1"
         assert argv[1:4] == ["-m", "tim_jax.bench", "official"]
-        assert _flag(argv, "--config") == f"configs/{name}.py"
+        assert _flag(argv, "--config") == f"configs/{name}.py{variant}"
         assert _flag(argv, "--official-repo") == str(official)
         assert _flag(argv, "--json") == str(tmp_path / "bench_out" / f"official_{name}.json")
         assert argv[-2:] == ["--rounds", "6"]
@@ -222,9 +222,20 @@ def test_bench_gpu_dry_run(tmp_path):
 
 
 def test_test_sh_dry_run(tmp_path):
-    env = _env(tmp_path, VIRTUAL_ENV=str(tmp_path / "venv"))
+    env = _env(tmp_path, VIRTUAL_ENV=str(tmp_path / "venv"), TIM_JAX_TEST_WORKERS="1")
     cmds = _dry_run(tmp_path, "test.sh", "--dry-run", "-q", "tests/test_launch.py", env=env)
     assert cmds[-2] == ["python", "-m", "pip", "install", "-q", "-e", ".[test]"]
     var, argv = _env_and_argv(cmds[-1])
     assert "JAX_COMPILATION_CACHE_DIR" in var
     assert argv == ["python", "-m", "pytest", "-q", "tests/test_launch.py"]
+    env["TIM_JAX_TEST_WORKERS"] = "3"   # test files in 3 worker processes (pytest-xdist)
+    _, argv = _env_and_argv(_dry_run(tmp_path, "test.sh", "--dry-run", "tests/a.py", env=env)[-1])
+    assert argv == ["python", "-m", "pytest", "-n", "3", "--dist", "loadfile", "tests/a.py"]
+    _, argv = _env_and_argv(_dry_run(tmp_path, "test.sh", "--dry-run", "-n", "0", env=env)[-1])
+    assert argv == ["python", "-m", "pytest", "-n", "0"]   # the caller's -n wins
+    env.pop("TIM_JAX_TEST_WORKERS")   # default: min(4, CPUs, RAM GiB / 6), at least 1
+    _, argv = _env_and_argv(_dry_run(tmp_path, "test.sh", "--dry-run", env=env)[-1])
+    cpus = len(os.sched_getaffinity(0))
+    mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30
+    expect = max(1, min(4, cpus, int(mem_gib // 6)))
+    assert argv[3:] == (["-n", str(expect), "--dist", "loadfile"] if expect > 1 else [])

@@ -39,6 +39,7 @@ from tim_jax.training import checkpointing
 REPO = Path(__file__).resolve().parents[1]
 RTOL, ATOL = 1e-6, 1e-7          # metrics: multi-process vs one process (see module docstring)
 TIMING_KEYS = ("img_per_s", "s_per_step")
+FAST_COMPILE = "--xla_backend_optimization_level=0"   # faster compiles (see conftest), both sides
 NUM_RECORDS = 40                 # 5 global batches of 8 per epoch: 6 steps cross an epoch
 TIMEOUT_S = 900                  # watchdog per launch (a compile takes ~1 min on 2 busy cores)
 
@@ -181,7 +182,8 @@ def _launch(env, workdir: Path, args, *, processes: int = 2, pause: bool = False
     entry = ["-c", _PAUSE_AFTER_FIRST_SAVE] if pause else ["-m", "tim_jax.train"]
     cmds = []
     for i in range(processes):
-        e = dict(env, XLA_FLAGS=f"--xla_force_host_platform_device_count={4 // processes}",
+        e = dict(env, XLA_FLAGS=f"--xla_force_host_platform_device_count={4 // processes} "
+                                f"{FAST_COMPILE}",
                  TIM_DISTRIBUTED="1", TIM_NUM_PROCESSES=str(processes), TIM_PROCESS_ID=str(i),
                  JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
                  JAX_COORDINATOR_BIND_ADDRESS=f"127.0.0.1:{port}")  # (jax's default: [::]:port)
@@ -193,7 +195,7 @@ def _launch(env, workdir: Path, args, *, processes: int = 2, pause: bool = False
 def _single(env, workdir: Path, args) -> _Group:
     """The reference: one process, 4 fake CPU devices, no jax.distributed (started, not awaited:
     it runs beside the multi-process launch, whose compiles leave a core idle at times)."""
-    e = dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    e = dict(env, XLA_FLAGS=f"--xla_force_host_platform_device_count=4 {FAST_COMPILE}")
     return _Group([([sys.executable, "-m", "tim_jax.train", *args, "--workdir", str(workdir)], e)],
                   workdir.parent / f"{workdir.name}.single")
 

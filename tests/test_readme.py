@@ -72,7 +72,7 @@ def test_readme_command_runs(command, tmp_path):
     for name in ("configs", "tests"):
         (tmp_path / name).symlink_to(REPO / name)
     env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu", TIM_JAX_NO_REEXEC="1")
-    env.pop("XLA_FLAGS", None)
+    env["XLA_FLAGS"] = "--xla_backend_optimization_level=0"   # faster compiles (see conftest)
     for needed in _needs(command):  # what the README runs before it (the training, the import)
         subprocess.run(_argv(_substituted(needed), tmp_path), cwd=tmp_path, env=env, check=True,
                        capture_output=True, timeout=600)

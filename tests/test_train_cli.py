@@ -36,7 +36,8 @@ def env(tmp_path_factory):
     for k in ("GLIBC_TUNABLES", "TIM_JAX_NO_REEXEC", "TIM_JAX_ALLOCATOR_REEXECED",
               "TIM_DISTRIBUTED"):
         e.pop(k, None)
-    e.update(PYTHONPATH=REPO, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8",
+    e.update(PYTHONPATH=REPO, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8 "
+             "--xla_backend_optimization_level=0",
              JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", PYTHONUNBUFFERED="1")
     return e

@@ -6,13 +6,18 @@
         --config.data.global_batch_size=16 --official-repo /path/to/TiM \\
         --torch-python /path/to/torch-venv/bin/python [--rounds 4] [--round-steps 2] \\
         [--torch-device cuda] [--gemm-rounds 3]
-    python -m tim_jax.bench [train|official] --help
+    python -m tim_jax.bench sample --preset c2i_b4_256 --batch 16 --size 256 --steps 8 \\
+        [--official-repo /path/to/TiM --torch-python /path/to/torch-venv/bin/python]
+    python -m tim_jax.bench [train|official|sample] --help
 
 **train** (:mod:`tim_jax.bench.train`) times the whole jitted train step of the config on one fixed synthetic
 batch and prints the step time and images/s, the lowering and compile times, XLA's FLOPs per step, the matmul
 peak in the config's compute dtype measured in the same run (for bf16 also the fp32 peak), the achieved FLOP/s,
 the FLOP floor and the step time as a multiple of it, the compiled program's memory, the process' max RSS and
 the minor page faults per step.
+
+**sample** (:mod:`tim_jax.bench.sample`, its own options) times whole sampler calls (ms per network evaluation,
+images/s), alone or side by side with the official sampler.
 
 **official** (:mod:`tim_jax.bench.official`) does the same for tim_jax and, in a subprocess run by
 ``--torch-python``, for the official PyTorch step, interleaved round by round, and prints the speed-up (median
@@ -87,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Training-speed benchmarks of the tim_jax train step: alone (train) or side by side with "
                     "the official PyTorch step (official). Flags take dashes or underscores.",
         epilog="Each mode prints a report, then one line 'BENCH_RESULT {json}'. Exit status: 0 on success, "
-               "2 for a bad command line. MODE --help lists a mode's options.")
+               "2 for a bad command line. MODE --help lists a mode's options; 'sample --help' those of the "
+               "sampler benchmark (tim_jax.bench.sample).")
     modes = top.add_subparsers(dest="mode", metavar="MODE", title="modes")
     train = modes.add_parser("train", parents=[common], allow_abbrev=False, prog=f"{PROG} train",
                              help="time the tim_jax train step alone",
@@ -192,6 +198,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """CLI entry point (see the module docstring); ``argv`` as ``sys.argv`` (program name first).
     Returns the exit code: 0 (also for ``--help``), 2 for a bad command line."""
     argv = list(sys.argv if argv is None else argv)
+    if len(argv) > 1 and argv[1] == "sample":   # its own options: tim_jax.bench.sample
+        from tim_jax.bench import sample
+
+        return sample.main([f"{PROG} sample", *argv[2:]])
     try:
         args, config = parse_command_line(argv)
     except SystemExit as e:

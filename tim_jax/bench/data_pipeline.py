@@ -2,7 +2,8 @@
 
     python -m tim_jax.bench.data_pipeline [--data DIR | --records 5000 --shape 32,32,4 --shards 8]
         [--batch 256] [--process-count 1] [--workers 0,1,2] [--threads 2] [--buffer 4]
-        [--batches 40] [--warmup 3] [--images] [--num-classes 1000] [--step-images-per-s 1127]
+        [--batches 40] [--warmup 3] [--images [--image-format png|jpeg]] [--num-classes 1000]
+        [--step-images-per-s 1127]
 
 Reads a prepared directory (``--data``), or writes ``--records`` random float16 latents of
 ``--shape`` (h, w, c) in ``--shards`` ArrayRecord shards with :mod:`tim_jax.data.records` to a
@@ -33,28 +34,43 @@ DEFAULT_STEP_IMAGES_PER_S = 1127.0  # TiM-XL/2, batch 256, 8 accelerators (see t
 
 
 def write_random_records(out_dir: str, *, num_records: int, shape: tuple[int, int, int],
-                         shards: int, num_classes: int = 1000, seed: int = 0) -> str:
-    """Writes ``num_records`` random records (latent, latent_flip, label, key) to ``out_dir``."""
+                         shards: int, num_classes: int = 1000, seed: int = 0,
+                         image_format: str = "") -> str:
+    """Writes ``num_records`` random records (latent, latent_flip, label, key) to ``out_dir``;
+    with ``image_format`` (``png``/``jpeg``, as ``prepare --keep-images``) also an ``image``:
+    a smooth random crop of 8 x the latent side, 16 distinct ones cycled."""
     from tim_jax.data import records
+    from tim_jax.data.prepare_images import encode_image
 
     if num_records < 1 or shards < 1:
         raise ValueError(f"--records and --shards must be >= 1, got {num_records}, {shards}")
     os.makedirs(out_dir, exist_ok=True)
     rng = np.random.default_rng(seed)
+    pictures = []
+    if image_format:
+        side = (8 * shape[0], 8 * shape[1])
+        for _ in range(16):
+            small = rng.integers(0, 256, (side[0] // 8, side[1] // 8, 3), dtype=np.uint8)
+            big = np.kron(small, np.ones((8, 8, 1), np.uint8))   # blocky: compresses like a photo
+            pictures.append(encode_image(big, image_format))
     cuts = np.linspace(0, num_records, min(shards, num_records) + 1).astype(int)
     table = []
     for s in range(len(cuts) - 1):
         def blobs(lo=int(cuts[s]), hi=int(cuts[s + 1])):
             for i in range(lo, hi):
                 lat = rng.standard_normal(shape).astype(np.float16)
-                yield records.encode_record({"latent": lat, "latent_flip": lat[:, ::-1].copy(),
-                                             "label": int(i % num_classes), "key": f"{i:08d}"})
+                rec = {"latent": lat, "latent_flip": lat[:, ::-1].copy(),
+                       "label": int(i % num_classes), "key": f"{i:08d}"}
+                if pictures:
+                    rec["image"] = pictures[i % len(pictures)]
+                yield records.encode_record(rec)
         name = f"train-{s:05d}-of-{len(cuts) - 1:05d}.array_record"
         records.write_shard(os.path.join(out_dir, name), blobs())
         table.append({"file": name, "num_records": int(cuts[s + 1] - cuts[s])})
     records.write_manifest(out_dir, {
         "num_records": int(num_records), "shards": table,
-        "fields": ["latent", "latent_flip", "label", "key"], "latent_shape": list(shape),
+        "fields": ["latent", "latent_flip", "label", "key"] + (["image"] if pictures else []),
+        "latent_shape": list(shape),
         "native": False, "vae": {"name": "random (benchmark)"},
         "class_names": [str(k) for k in range(num_classes)]})
     return out_dir
@@ -98,7 +114,10 @@ def main(argv=None) -> int:
     p.add_argument("--buffer", type=int, default=4, help="host batches prefetched per pipeline")
     p.add_argument("--batches", type=int, default=40, help="timed host batches per row")
     p.add_argument("--warmup", type=int, default=3, help="untimed host batches per row")
-    p.add_argument("--images", action="store_true", help="also decode the records' images")
+    p.add_argument("--images", action="store_true",
+                   help="also decode the records' images (generated records: with images)")
+    p.add_argument("--image-format", default="png", choices=("png", "jpeg"),
+                   help="format of the generated records' images (with --images; prepare's default png)")
     p.add_argument("--num-classes", type=int, default=1000, help="labels are below this")
     p.add_argument("--step-images-per-s", type=float, default=DEFAULT_STEP_IMAGES_PER_S,
                    help="global images/s of the train step (default: TiM-XL/2 estimate, see doc)")
@@ -114,7 +133,8 @@ def main(argv=None) -> int:
             tmp = tempfile.mkdtemp(prefix="tim_bench_records_")
             t0 = time.perf_counter()
             path = write_random_records(tmp, num_records=args.records, shape=shape, shards=args.shards,
-                                        num_classes=args.num_classes)
+                                        num_classes=args.num_classes,
+                                        image_format=args.image_format if args.images else "")
             print(f"wrote {args.records} records of {shape} float16 in {args.shards} shards "
                   f"({time.perf_counter() - t0:.1f} s, {_size_mb(path):.1f} MB) to {path}")
         need = args.step_images_per_s / args.process_count

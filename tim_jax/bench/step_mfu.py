@@ -1,6 +1,6 @@
 """The whole train step's speed and MFU per derivative and attention implementation.
 
-    python -m tim_jax.bench.step_mfu [--config configs/c2i_xl2_256.py] [--batch 256]
+    python -m tim_jax.bench.step_mfu [--config configs/c2i_xl2_256.py:synthetic] [--batch 256]
         [--micro-batch 32] [--derivative dde,jvp] [--attention xla,flash,cudnn,auto]
         [--variants dde:flash,jvp:xla] [--dtype bfloat16] [--steps 5] [--warmup 2]
         [--peak-n 8192] [--trace-steps 2] [--set model.remat=full ...] [--out DIR]
@@ -353,7 +353,7 @@ def _variants(a, parser) -> list[tuple[str, str]]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--config", default="configs/c2i_xl2_256.py", help="path[:arg]")
+    p.add_argument("--config", default="configs/c2i_xl2_256.py:synthetic", help="path[:arg]")
     p.add_argument("--batch", type=int, default=256, help="global batch per step")
     p.add_argument("--micro-batch", type=int, default=32,
                    help="rows per accumulated micro-batch (0: no accumulation)")
