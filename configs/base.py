@@ -227,3 +227,36 @@ def get_config() -> ml_collections.ConfigDict:
     lg.jsonl = True                # append metrics to <workdir>/metrics.jsonl
 
     return config
+
+
+PAPER_VARIANTS = ("records", "synthetic")
+
+
+def paper_config(preset: str, variant: str, *, global_batch_size: int, num_steps: int,
+                 keep_steps: tuple) -> ml_collections.ConfigDict:
+    """The base recipe with a paper network (``tim_jax.models.presets`` name) and its data.
+
+    ``variant``: ``records`` (prepared records in ``data.path``, REPA targets computed in the step
+    by RADIO v2.5-B from the stored crops, folder in ``objective.repa_encoder_path``; both paths
+    empty: the CLI names the missing one) or ``synthetic`` (random latents and REPA targets).
+    The lr is quoted at batch 256 and scaled linearly to ``global_batch_size``.
+    """
+    from tim_jax.models import presets
+
+    if variant not in PAPER_VARIANTS:
+        raise ValueError(f"config variant (configs/<file>.py:<variant>): one of {PAPER_VARIANTS}, "
+                         f"got {variant!r}")
+    config = get_config()
+    config.model = presets.model_config(preset, **presets.knobs_of(config.model))
+    config.model.dtype = "auto"   # bf16 where native (GPU, TPU, CPUs with AVX512-BF16/AMX), else fp32
+    config.data.global_batch_size = global_batch_size
+    if variant == "records":
+        config.data.source = "arrayrecord"
+        config.data.path = ""                       # required: `python -m tim_jax.prepare` output
+        config.data.images = True                   # the crops, for the online REPA encoder
+        config.data.use_repa_target = False
+        config.objective.repa_encoder = "radio"
+        config.objective.repa_encoder_path = ""     # required: the converted RADIO v2.5-B
+    config.train.num_steps = num_steps
+    config.ckpt.keep_steps = tuple(keep_steps)
+    return config

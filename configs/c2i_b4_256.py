@@ -8,14 +8,7 @@
         --config.objective.repa_encoder_path=/ckpt/radio-v2.5-b
     python -m tim_jax.train --config=configs/c2i_b4_256.py:synthetic --workdir=RUN  # smoke run
 
-Data (``get_config(variant)``):
-  * ``records`` (default): ``data.path`` is the directory of ``python -m tim_jax.prepare
-    --keep-images``; the REPA targets are computed in the step by RADIO v2.5-B from the
-    records' crops (official ``enc_dir: radio-v2.5-b_half.pth.tar``);
-    ``objective.repa_encoder_path`` is the folder of ``python -m
-    tim_jax.encoders.radio_convert``. Both paths are empty here: the CLI stops (exit 2)
-    naming the missing one (``data.path``: run ``python -m tim_jax.prepare``).
-  * ``synthetic``: random latents and REPA targets (no files; smoke runs and benchmarks).
+Data: ``records`` (default) or ``synthetic``, see :func:`configs.base.paper_config`.
 
 Network: depth 12, D 768, 12 heads, patch 4 (64 tokens), adaLN bottleneck 256, REPA after block 4.
 Recipe (the yaml + its launch script ``train_tim_c2i_b.sh``, 4 GPUs x 256): global batch 1024,
@@ -28,25 +21,9 @@ P_std 1.0, DDE, sqrt-tangent weights; 100k steps, checkpoints every 2000 steps (
 import ml_collections
 
 from configs import base
-from tim_jax.models import presets
-
-VARIANTS = ("records", "synthetic")
 
 
 def get_config(variant: str = "records") -> ml_collections.ConfigDict:
-    if variant not in VARIANTS:
-        raise ValueError(f"configs/c2i_b4_256.py:<variant>: one of {VARIANTS}, got {variant!r}")
-    config = base.get_config()
-    config.model = presets.model_config("c2i_b4_256", **presets.knobs_of(config.model))
-    config.model.dtype = "auto"  # bf16 where native (GPU, TPU, CPUs with AVX512-BF16/AMX), else fp32
-    config.data.global_batch_size = 1024  # official: 256 per GPU x 4 GPUs (lr scaled to 4e-4)
-    if variant == "records":
-        config.data.source = "arrayrecord"
-        config.data.path = ""                       # required: `python -m tim_jax.prepare` output
-        config.data.images = True                   # the crops, for the online REPA encoder
-        config.data.use_repa_target = False
-        config.objective.repa_encoder = "radio"
-        config.objective.repa_encoder_path = ""     # required: the converted RADIO v2.5-B
-    config.train.num_steps = 100_000
-    config.ckpt.keep_steps = (100_000, 200_000, 300_000)
-    return config
+    # batch official: 256 per GPU x 4 GPUs (lr scaled to 4e-4)
+    return base.paper_config("c2i_b4_256", variant, global_batch_size=1024, num_steps=100_000,
+                             keep_steps=(100_000, 200_000, 300_000))

@@ -22,25 +22,13 @@ Without an encoder the REPA loss is off (the records carry no targets; ``proj_lo
 """
 import ml_collections
 
-from configs import base
+from configs import debug_cpu
 
 
 def get_config() -> ml_collections.ConfigDict:
-    config = base.get_config()
-
-    m = config.model
-    m.input_size = 16              # 16x16x4 latents (sd_vae_tiny at --size 32) -> 64 tokens
-    m.patch_size = 2
-    m.in_channels = 4
-    m.hidden_size = 32
-    m.depth = 2
-    m.num_heads = 2
-    m.mlp_ratio = 4.0
-    m.lora_hidden_size = 16
-    m.encoder_depth = 1
-    m.projector_dim = 32
-    m.z_dim = 32                   # the REPA encoder's width (dinov2_tiny: 32)
-    m.num_classes = 10             # >= the records' classes (their manifest's num_classes)
+    config = debug_cpu.get_config()   # its tiny c2i network and toy recipe, on records here
+    config.model.input_size = 16      # 16x16x4 latents (sd_vae_tiny at --size 32) -> 64 tokens
+    config.model.z_dim = 32           # the REPA encoder's width (dinov2_tiny: 32)
 
     d = config.data
     d.source = "arrayrecord"
@@ -48,23 +36,10 @@ def get_config() -> ml_collections.ConfigDict:
     d.use_repa_target = False      # records carry no REPA targets (an encoder computes them)
     d.images = False               # True with objective.repa_encoder (needs --keep-images)
     d.flip = True
-    d.global_batch_size = 8
     d.read_threads = 1
     d.read_buffer = 2
-
-    config.optim.lr = 1e-3         # toy model: a larger lr shows learning within a few steps
-    config.optim.scale_lr = False
-    config.ema.decays = (0.999,)
-
-    config.mesh.data = -1          # all devices data-parallel
-    config.mesh.fsdp = 1
-    config.sharding_rules.min_shard_size = 2 ** 10
 
     config.train.num_steps = 8
     config.train.log_every = 1
     config.ckpt.every_steps = 4
-    config.ckpt.keep = 2
-    config.sample.every_steps = 0  # no sampling in the debug loop
-    config.sample.num_steps = (1, 4)
-    config.sample.num_images = 8
     return config

@@ -8,14 +8,7 @@
         --config.objective.repa_encoder_path=/ckpt/radio-v2.5-b
     python -m tim_jax.train --config=configs/c2i_xl2_256.py:synthetic --workdir=RUN  # smoke run
 
-Data (``get_config(variant)``):
-  * ``records`` (default): ``data.path`` is the directory of ``python -m tim_jax.prepare
-    --keep-images``; the REPA targets are computed in the step by RADIO v2.5-B from the
-    records' crops (official ``enc_dir: radio-v2.5-b_half.pth.tar``);
-    ``objective.repa_encoder_path`` is the folder of ``python -m
-    tim_jax.encoders.radio_convert``. Both paths are empty here: the CLI stops (exit 2)
-    naming the missing one (``data.path``: run ``python -m tim_jax.prepare``).
-  * ``synthetic``: random latents and REPA targets (no files; smoke runs and benchmarks).
+Data: ``records`` (default) or ``synthetic``, see :func:`configs.base.paper_config`.
 
 Network: depth 28, D 1152, 16 heads, patch 2 (256 tokens), adaLN bottleneck 384, REPA after block
 8. Recipe (the yaml + its launch script ``train_tim_c2i_xl_256.sh``, 8 GPUs x 64): global batch
@@ -28,25 +21,9 @@ checkpoints every 2000 steps (2 kept + 100k/250k/500k), bf16 compute (official
 import ml_collections
 
 from configs import base
-from tim_jax.models import presets
-
-VARIANTS = ("records", "synthetic")
 
 
 def get_config(variant: str = "records") -> ml_collections.ConfigDict:
-    if variant not in VARIANTS:
-        raise ValueError(f"configs/c2i_xl2_256.py:<variant>: one of {VARIANTS}, got {variant!r}")
-    config = base.get_config()
-    config.model = presets.model_config("c2i_xl2_256", **presets.knobs_of(config.model))
-    config.model.dtype = "auto"  # bf16 where native (GPU, TPU, CPUs with AVX512-BF16/AMX), else fp32
-    config.data.global_batch_size = 512  # official: 64 per GPU x 8 GPUs (lr scaled to 2e-4)
-    if variant == "records":
-        config.data.source = "arrayrecord"
-        config.data.path = ""                       # required: `python -m tim_jax.prepare` output
-        config.data.images = True                   # the crops, for the online REPA encoder
-        config.data.use_repa_target = False
-        config.objective.repa_encoder = "radio"
-        config.objective.repa_encoder_path = ""     # required: the converted RADIO v2.5-B
-    config.train.num_steps = 750_000
-    config.ckpt.keep_steps = (100_000, 250_000, 500_000)
-    return config
+    # batch official: 64 per GPU x 8 GPUs (lr scaled to 2e-4)
+    return base.paper_config("c2i_xl2_256", variant, global_batch_size=512, num_steps=750_000,
+                             keep_steps=(100_000, 250_000, 500_000))

@@ -36,6 +36,8 @@ import pytest
 from tim_jax.data import pipeline, records
 from tim_jax.training import checkpointing
 
+import train_runs  # tests/train_runs.py
+
 REPO = Path(__file__).resolve().parents[1]
 RTOL, ATOL = 1e-6, 1e-7          # metrics: multi-process vs one process (see module docstring)
 TIMING_KEYS = ("img_per_s", "s_per_step")
@@ -45,20 +47,9 @@ TIMEOUT_S = 900                  # watchdog per launch (a compile takes ~1 min o
 
 # A fault injected from the test, not from the training loop: on every process, the first
 # periodic save waits for its commit, prints the marker, then sleeps until the SIGKILL.
-_PAUSE_AFTER_FIRST_SAVE = """
-import sys, time
-from tim_jax.training import checkpointing, cli
-_save = checkpointing.Checkpointer.save
-def save(self, step, *args, **kwargs):
-    started = _save(self, step, *args, **kwargs)
-    if started:
-        self.wait()
-        print(f"test: paused after committed checkpoint {step}", flush=True)
-        time.sleep(3600)
-    return started
-checkpointing.Checkpointer.save = save
-sys.exit(cli.main(["tim_jax.train", *sys.argv[1:]]))
-"""
+_PAUSE_AFTER_FIRST_SAVE = train_runs.pause_after_first_save("test: paused after committed checkpoint",
+                                                        sleep_s=3600)
+
 
 # ---- inputs ------------------------------------------------------------------------------------
 def _write_records(directory: Path, n: int = NUM_RECORDS) -> str:

@@ -33,13 +33,13 @@ import subprocess
 import sys
 import threading
 
-import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 from PIL import Image
 
 from tim_jax.training import checkpointing
+
+import train_runs  # tests/train_runs.py
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(REPO, "tests", "fixtures", "parity")
@@ -143,20 +143,7 @@ def _train(env, *args):
 # A fault injected from the test, not from the training loop: the CLI runs with
 # Checkpointer.save wrapped so that the first periodic save waits for its commit, prints
 # "checkpoint committed: step N" and then sleeps, leaving time for the test's SIGKILL.
-_PAUSE_AFTER_FIRST_SAVE = """
-import sys, time
-from tim_jax.training import checkpointing, cli
-_save = checkpointing.Checkpointer.save
-def save(self, step, *args, **kwargs):
-    started = _save(self, step, *args, **kwargs)
-    if started:
-        self.wait()
-        print(f"checkpoint committed: step {step}", flush=True)
-        time.sleep(600)
-    return started
-checkpointing.Checkpointer.save = save
-sys.exit(cli.main(["tim_jax.train", *sys.argv[1:]]))
-"""
+_PAUSE_AFTER_FIRST_SAVE = train_runs.pause_after_first_save(sleep_s=600)
 
 
 def _train_killed_after_first_checkpoint(env, workdir, *args):
@@ -186,21 +173,12 @@ def _train_killed_after_first_checkpoint(env, workdir, *args):
     return int(found.group(1))
 
 
-def _records(workdir):
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
+_records = train_runs.metrics_records
 
 
 def _state_numpy(workdir, step):
     """Every leaf of a saved train state, as numpy, keyed by its path."""
-    path = os.path.join(workdir, checkpointing.CHECKPOINT_SUBDIR, str(step), "state")
-    ckptr = ocp.PyTreeCheckpointer()
-    meta = ckptr.metadata(path).item_metadata
-    tree = getattr(meta, "tree", meta)
-    restore_args = jax.tree.map(lambda m: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-    state = ckptr.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
-    return {jax.tree_util.keystr(p): np.asarray(v)
-            for p, v in jax.tree_util.tree_flatten_with_path(state)[0]}
+    return train_runs.flat_numpy(train_runs.saved_state(workdir, step))
 
 
 def _assert_same_run(workdir, reference, steps):

@@ -17,12 +17,13 @@ import threading
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 from tim_jax import cpu_allocator
 from tim_jax.training import checkpointing, export
 from tim_jax.training import cli as train
+
+import train_runs  # tests/train_runs.py
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASE = ["--config", "configs/debug_cpu.py", "--config.train.num_steps=8",
@@ -52,20 +53,7 @@ def _cli(env, workdir, *extra, timeout=600, **env_extra):
 # A fault injected from the test, not from the training loop: the CLI runs with
 # Checkpointer.save wrapped so that the first periodic save waits for its commit, prints
 # "checkpoint committed: step N" and then sleeps, leaving time for the test's SIGKILL.
-_PAUSE_AFTER_FIRST_SAVE = """
-import sys, time
-from tim_jax.training import checkpointing, cli
-_save = checkpointing.Checkpointer.save
-def save(self, step, *args, **kwargs):
-    started = _save(self, step, *args, **kwargs)
-    if started:
-        self.wait()
-        print(f"checkpoint committed: step {step}", flush=True)
-        time.sleep(120)
-    return started
-checkpointing.Checkpointer.save = save
-sys.exit(cli.main(["tim_jax.train", *sys.argv[1:]]))
-"""
+_PAUSE_AFTER_FIRST_SAVE = train_runs.pause_after_first_save(sleep_s=120)
 
 
 def _popen(env, workdir, *extra, pause_after_first_save=False, **env_extra):
@@ -88,23 +76,9 @@ def _read_until(proc, marker):
     raise AssertionError(f"{marker!r} never printed; stdout:\n{''.join(lines)[-3000:]}")
 
 
-def _records(workdir):
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
-def _state_numpy(workdir, step):
-    """Every leaf of a saved train state, as numpy (no model or mesh needed)."""
-    path = os.path.join(workdir, checkpointing.CHECKPOINT_SUBDIR, str(step), "state")
-    ckptr = ocp.PyTreeCheckpointer()
-    meta = ckptr.metadata(path).item_metadata
-    tree = getattr(meta, "tree", meta)
-    restore_args = jax.tree.map(lambda m: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-    return ckptr.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
-
-
-def _flat(tree):
-    return {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+_records = train_runs.metrics_records
+_state_numpy = train_runs.saved_state   # every leaf numpy (no model or mesh needed)
+_flat = train_runs.flat_numpy
 
 
 @pytest.fixture(scope="module")

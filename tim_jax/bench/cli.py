@@ -48,11 +48,11 @@ Timings on a shared or small machine are noisy: compare variants only with paire
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from typing import Optional, Sequence
 
-RESULT_PREFIX = "BENCH_RESULT "
+from tim_jax.bench.report import RESULT_PREFIX  # noqa: F401  (re-exported: the last line's prefix)
+
 MODES = ("train", "official")
 PROG = "python -m tim_jax.bench"
 HELP_FLAGS = ("-h", "--help")
@@ -207,7 +207,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except SystemExit as e:
         return 0 if e.code is None else int(e.code)
 
-    from tim_jax.bench.report import format_official_report, format_train_report
+    from tim_jax.bench.report import format_official_report, format_train_report, print_result
     from tim_jax.hardware import resolve_config_dtype
 
     print(resolve_config_dtype(config), file=sys.stderr, flush=True)
@@ -230,12 +230,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ValueError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr, flush=True)
         return 2
-    print(report)
-    line = json.dumps(res)
-    print(RESULT_PREFIX + line, flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            f.write(line + "\n")
+    print_result(report, res, args.json)
     return 0
 
 

@@ -141,8 +141,8 @@ def main(argv=None) -> int:
         print(f"host batch {args.batch // args.process_count} rows (global {args.batch}, "
               f"{args.process_count} process(es)); {os.cpu_count()} CPUs; train step needs "
               f"{need:.0f} samples/s per host ({args.step_images_per_s:.0f} global)")
-        print(f"| workers | samples/s per host | ms per host batch | x step need | warm-up s |")
-        print(f"|---:|---:|---:|---:|---:|")
+        print("| workers | samples/s per host | ms per host batch | x step need | warm-up s |")
+        print("|---:|---:|---:|---:|---:|")
         for w in workers:
             r = measure(path, batch=args.batch, process_count=args.process_count, workers=w,
                         threads=args.threads, buffer=args.buffer, batches=args.batches,

@@ -5,7 +5,10 @@ The result dicts are those of :func:`tim_jax.bench.train.run_train_bench` and
 """
 from __future__ import annotations
 
+import json
 from typing import Optional
+
+RESULT_PREFIX = "BENCH_RESULT "   # the machine-readable last line of every benchmark
 
 
 def _gib(n: Optional[float]) -> str:
@@ -108,3 +111,14 @@ def format_official_report(res: dict) -> str:
                   f"{1e3 * g['torch_s']:9.3f} {g['ratio']:9.3f}" for g in res["gemms"]]
     return "\n".join(lines)
 
+
+
+def print_result(report: str, res: dict, json_path: Optional[str] = None) -> None:
+    """Prints the human-readable ``report``, then ``BENCH_RESULT {json}``; also writes that JSON
+    to ``json_path`` when given."""
+    print(report)
+    line = json.dumps(res)
+    print(RESULT_PREFIX + line, flush=True)
+    if json_path:
+        with open(json_path, "w") as f:
+            f.write(line + "\n")

@@ -44,7 +44,6 @@ if __name__ == "__main__":  # first, before the heavy imports (as ``python -m ti
 import argparse
 import dataclasses
 import importlib.util
-import json
 import os
 import pathlib
 import statistics
@@ -56,9 +55,9 @@ from typing import Optional, Sequence
 import numpy as np
 
 from tim_jax.bench.official import TorchOfficialStep
+from tim_jax.bench.report import print_result
 from tim_jax.bench.train import cpu_info, loadavg, step_stats
 
-RESULT_PREFIX = "BENCH_RESULT "
 PROG = "python -m tim_jax.bench.sample"
 PERTURB_STD = 0.02  # std of the random biases / embeddings / LayerNorm-scale offsets
 QUICK = dict(preset="c2i_tiny", batch=2, size=64, steps=4, rounds=2)
@@ -440,12 +439,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ValueError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr, flush=True)
         return 2
-    print(format_sample_report(res))
-    line = json.dumps(res)
-    print(RESULT_PREFIX + line, flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            f.write(line + "\n")
+    print_result(format_sample_report(res), res, args.json)
     return 0
 
 
