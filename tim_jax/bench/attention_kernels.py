@@ -54,6 +54,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tim_jax import atomic_files
 from tim_jax.models import attention as attention_mod
 from tim_jax.models.kernels.flash_attention import flash_attention, kernel_calls
 
@@ -304,11 +305,8 @@ def format_markdown(res: dict) -> str:
 
 
 def _write(out_dir: str, res: dict) -> None:
-    for name, text in ((JSON_NAME, json.dumps(res, indent=1)), (MD_NAME, format_markdown(res))):
-        tmp = os.path.join(out_dir, name + ".tmp")
-        with open(tmp, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, os.path.join(out_dir, name))
+    atomic_files.write_text(os.path.join(out_dir, JSON_NAME), json.dumps(res, indent=1))
+    atomic_files.write_text(os.path.join(out_dir, MD_NAME), format_markdown(res))
 
 
 def run(*, out_dir: str, tokens, head_dims, heads, tokens_per_call, dtype, impls, modes,

@@ -54,6 +54,7 @@ from typing import Optional, Sequence
 import jax
 import jax.numpy as jnp
 
+from tim_jax import atomic_files
 from tim_jax.models import attention as attention_mod
 
 from tim_jax.bench import train as bench  # the train-step measurement of `bench train`
@@ -266,11 +267,8 @@ def format_markdown(res: dict) -> str:
 
 
 def _write(out_dir: str, res: dict) -> None:
-    for name, text in ((JSON_NAME, json.dumps(res, indent=1)), (MD_NAME, format_markdown(res))):
-        tmp = os.path.join(out_dir, name + ".tmp")
-        with open(tmp, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, os.path.join(out_dir, name))
+    atomic_files.write_text(os.path.join(out_dir, JSON_NAME), json.dumps(res, indent=1))
+    atomic_files.write_text(os.path.join(out_dir, MD_NAME), format_markdown(res))
 
 
 def run(*, config, variants, batch, micro_batch, dtype, steps, warmup, peak_n, peak_reps,

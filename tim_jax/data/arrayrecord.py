@@ -53,6 +53,7 @@ from typing import Any, Mapping, Sequence
 import grain
 import numpy as np
 
+from tim_jax import atomic_files
 from tim_jax.data import captions, records
 from tim_jax.data.buckets import BatchSchedule
 
@@ -244,9 +245,7 @@ def load_record_shapes(source: ArrayRecordSource, cache: str = "") -> np.ndarray
             return shapes.astype(np.int64)
     shapes = source.record_shapes()
     if cache:
-        tmp = f"{cache}.tmp{os.getpid()}.npy"
-        np.save(tmp, shapes)
-        os.replace(tmp, cache)
+        atomic_files.save_npy(cache, shapes)
     return shapes
 
 

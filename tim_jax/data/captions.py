@@ -31,6 +31,8 @@ from typing import Sequence
 
 import numpy as np
 
+from tim_jax import atomic_files
+
 __all__ = ["FEATURES_FIELD", "NULL_CAPTION_FILE", "NULL_CAPTION_FULL_FILE", "CaptionEncoder",
            "text_encoder_settings", "null_caption_ref", "pad_features", "check_null_caption",
            "write_null_captions"]
@@ -157,10 +159,7 @@ def write_null_captions(out_dir: str, null_full: np.ndarray, length: int) -> Non
     if not 1 <= length <= len(null_full):
         raise ValueError(f"caption length {length} outside [1, {len(null_full)}]")
     for name, arr in ((NULL_CAPTION_FULL_FILE, null_full), (NULL_CAPTION_FILE, null_full[:length])):
-        path = os.path.join(out_dir, name)
-        tmp = f"{path}.tmp{os.getpid()}.npy"
-        np.save(tmp, np.ascontiguousarray(arr, np.float32))
-        os.replace(tmp, path)
+        atomic_files.save_npy(os.path.join(out_dir, name), np.ascontiguousarray(arr, np.float32))
 
 
 def pad_features(features: Sequence[np.ndarray], null: np.ndarray, ids=None,

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from tim_jax import atomic_files
 from tim_jax.data import captions, records
 from tim_jax.data.prepare_images import (adm_center_crop, encode_image, native_resize,
                                          open_rgb)
@@ -337,9 +338,7 @@ def finish(plan, *, wait: bool = False, compiler_options: dict | None = None) ->
         if plan.args.native:
             shapes = [sh for m in metas for sh in m["latent_shapes"]]
             arr = np.asarray(shapes, np.int64).reshape(-1, 3)
-            tmp = os.path.join(plan.out, LATENT_SHAPES_FILE + ".tmp.npy")
-            np.save(tmp, arr)
-            os.replace(tmp, shapes_path)
+            atomic_files.save_npy(shapes_path, arr)
         records.write_manifest(plan.out, manifest)
         return manifest
     return old

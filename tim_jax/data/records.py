@@ -29,6 +29,8 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
+from tim_jax import atomic_files
+
 MANIFEST = "manifest.json"
 FORMAT = "tim_jax.latents"
 VERSION = 1
@@ -193,11 +195,8 @@ def write_shard(path: str, records: Iterable[bytes], *,
 def write_json_atomic(path: str, obj, indent: int | None = 1) -> None:
     """``json.dump`` to a temporary file then rename: readers never see a partial file (the
     temporary name is per process: several processes may write the same file)."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=indent, separators=None if indent else (",", ":"))
-        f.write("\n")
-    os.replace(tmp, path)
+    atomic_files.write_text(path, json.dumps(obj, indent=indent,
+                                             separators=None if indent else (",", ":")) + "\n")
 
 
 def read_manifest(directory: str) -> dict:

@@ -5,11 +5,11 @@
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
 
 import numpy as np
 
+from tim_jax import atomic_files
 from tim_jax.demo.data import GMM_GRID, GMM_SPACING, Dataset
 from tim_jax.demo.evaluate import METRIC_DOCS
 from tim_jax.demo.settings import MODELS, PRIMARY_METRIC
@@ -211,11 +211,7 @@ def seeds_markdown(agg: dict, dataset: str) -> str:
 
 def write_json(path: str, obj) -> None:
     """``obj`` as indented JSON, written to a temporary file first and renamed (no half-written file)."""
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=False)
-        f.write("\n")
-    os.replace(tmp, path)
+    atomic_files.write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
 def write_text(path: str, text: str) -> None:

@@ -12,7 +12,6 @@ interrupted, nor on which process made which chunk.
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 import zipfile
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from tim_jax import atomic_files
 from tim_jax.evaluation.fid import GaussianMoments
 
 __all__ = ["ChunkPlan", "chunk_dir", "chunk_path", "write_chunk", "read_chunk", "valid_chunk",
@@ -71,9 +71,7 @@ def write_chunk(path, arrays: dict, fingerprint: str) -> Path:
     """Save ``arrays`` + ``fingerprint`` to ``path`` atomically (temporary file, then rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.npz")
-    np.savez(tmp, fingerprint=np.asarray(fingerprint), **arrays)
-    os.replace(tmp, path)
+    atomic_files.save_npz(path, fingerprint=np.asarray(fingerprint), **arrays)
     return path
 
 

@@ -12,16 +12,12 @@ import json
 import os
 from pathlib import Path
 
+from tim_jax import atomic_files
+
 __all__ = ["write_results", "PAPER_IMAGENET"]
 
 # Official README (WZDTHU/TiM): TiM-C2I 2-NFE / 500-NFE FID on ImageNet (50k samples, ADM suite).
 PAPER_IMAGENET = {256: {"2-NFE": 6.14, "500-NFE": 1.65}, 512: {"2-NFE": 4.79, "500-NFE": 1.69}}
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _markdown(settings: dict, reference: dict, rows: list[dict]) -> str:
@@ -84,8 +80,8 @@ def write_results(out_dir, settings: dict, reference: dict, rows: list[dict]) ->
     out = Path(out_dir)
     rows = sorted(rows, key=lambda r: (r["nfe"], r["steps"]))
     data = {"settings": settings, "reference": reference, "results": rows}
-    _atomic_text(out / "results.json", json.dumps(data, indent=1) + "\n")
-    _atomic_text(out / "results.md", _markdown(settings, reference, rows))
+    atomic_files.write_text(out / "results.json", json.dumps(data, indent=1) + "\n")
+    atomic_files.write_text(out / "results.md", _markdown(settings, reference, rows))
     _plot(out / "fid_vs_nfe.png", rows,
           f"{Path(str(settings.get('checkpoint'))).name}: FID vs NFE "
           f"({settings.get('num_samples')} samples)")

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tim_jax import atomic_files
 from tim_jax.evaluation import chunks as ch
 from tim_jax.evaluation.cli import INCOMPLETE, RUN_FILE, check_resume, fingerprint, run_settings
 from tim_jax.evaluation.fid import GaussianMoments, fid, inception_score, save_statistics
@@ -96,9 +97,8 @@ def _save_npz(path: Path, chunk_dir: Path, plan: ch.ChunkPlan, labels: np.ndarra
     if path.is_file():
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.npz")
-    np.savez(tmp, arr_0=ch.collect_images(chunk_dir, plan), arr_1=labels.astype(np.int64))
-    os.replace(tmp, path)
+    atomic_files.save_npz(path, arr_0=ch.collect_images(chunk_dir, plan),
+                          arr_1=labels.astype(np.int64))
 
 
 def run(args, parser) -> int:

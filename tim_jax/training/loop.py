@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
+from tim_jax import atomic_files
 from tim_jax.training import checkpointing
 from tim_jax.data import pipeline as data
 from tim_jax.training import metrics, repa
@@ -144,10 +145,7 @@ def _truncate_jsonl(path: str, last_step: int) -> None:
         except (ValueError, KeyError, TypeError):
             continue
     if len(keep) != len(lines):
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            f.writelines(keep)
-        os.replace(tmp, path)
+        atomic_files.write_text(path, "".join(keep))
 
 
 def _sample_inputs(config, null_cond):
